@@ -1,8 +1,9 @@
 """Content-addressed stage cache: a stage's output is reused when its inputs, config and package versions match.
 
 Each entry is a directory ``<root>/<stage>/<key>/`` holding the stage's files and ``meta.json`` (its metrics).
-Entries are written to a temp directory and renamed into place, so an interrupted stage never leaves a half entry
-that a later run would trust.
+Entries are written to a ``.<key>.partial`` directory and renamed into place, so an interrupted stage never leaves a
+half entry that a later run would trust; a resumable stage (distillation) finds its partial directory again and picks
+up from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,13 +51,14 @@ class StageCache:
         self.force = force
         self.versions = package_versions()
 
-    def run(self, stage: str, payload: dict, fn: Callable[[Path], dict]) -> StageResult:
+    def run(self, stage: str, payload: dict, fn: Callable[[Path], dict], resumable: bool = False) -> StageResult:
         """Return the cached result for (stage, payload, package versions) or compute it with ``fn(out_dir)``.
 
         Args:
             stage: Stage name (a directory under the cache root).
             payload: Everything the output depends on: input hashes and the stage's config.
             fn: Writes the stage's files into the directory it is given and returns metrics (JSON-serialisable).
+            resumable: Keep the work directory of an interrupted run, so ``fn`` can resume from what it left there.
         """
         key = digest({"stage": stage, "payload": payload, "versions": self.versions})
         entry = self.root / stage / key
@@ -66,7 +67,10 @@ class StageCache:
             meta = json.loads((entry / "meta.json").read_text())
             return StageResult(stage, key, entry, meta, True, time.perf_counter() - start)
         (self.root / stage).mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=self.root / stage))
+        tmp = self.root / stage / f".{key}.partial"
+        if tmp.exists() and not resumable:
+            shutil.rmtree(tmp)
+        tmp.mkdir(exist_ok=True)
         try:
             meta = fn(tmp)
             meta = {**meta, "seconds": round(time.perf_counter() - start, 3)}
@@ -75,6 +79,7 @@ class StageCache:
                 shutil.rmtree(entry)
             tmp.rename(entry)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if not resumable:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
         return StageResult(stage, key, entry, meta, False, time.perf_counter() - start)

@@ -169,3 +169,49 @@ def tokenizer_file(path: Path) -> Path:
             hint="Save the tokenizer with a fast tokenizer: AutoTokenizer.from_pretrained(...).save_pretrained(dir).",
         )
     return tok
+
+
+def save_encoder(model: Encoder, path: Path | str, tokenizer: Path | None = None) -> Path:
+    """Write ``model`` as a Hugging Face BERT checkpoint directory (config.json + model.safetensors [+ tokenizer.json]).
+
+    The result loads with ``load_encoder`` and with transformers' ``BertModel.from_pretrained``.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    if cfg.attention != "full":
+        raise ModelError(f"Only full-attention encoders are BERT checkpoints; this one uses '{cfg.attention}'.")
+    inverse_layer = {v: k for k, v in _LAYER_KEYS.items()}
+    inverse_emb = {v: k for k, v in _EMBEDDING_KEYS.items()}
+    tensors = {}
+    for key, value in model.state_dict().items():
+        head, _, leaf = key.rpartition(".")
+        if key.startswith("layers."):
+            _, idx, rest = head.split(".", 2)
+            name = f"encoder.layer.{idx}.{inverse_layer[rest]}.{leaf}"
+        else:
+            name = f"{inverse_emb[head]}.{leaf}"
+        tensors[name] = value.contiguous()
+    save_file(tensors, str(path / "model.safetensors"))
+    config = {
+        "architectures": ["BertModel"],
+        "model_type": "bert",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden,
+        "num_hidden_layers": cfg.layers,
+        "num_attention_heads": cfg.heads,
+        "intermediate_size": cfg.ffn,
+        "max_position_embeddings": cfg.max_positions,
+        "type_vocab_size": cfg.type_vocab_size,
+        "layer_norm_eps": cfg.eps,
+        "hidden_act": "gelu",
+        "pad_token_id": cfg.pad_token_id,
+        "position_embedding_type": "absolute",
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    if tokenizer is not None:
+        (path / "tokenizer.json").write_bytes(Path(tokenizer).read_bytes())
+    return path
+

@@ -1,0 +1,301 @@
+"""Distill: cut a smaller student from the teacher, swap its token mixer, and train it to match the teacher.
+
+The student keeps a subset of the teacher's layers (and optionally the most important FFN neurons), so training
+starts from a model that is already close. Training matches the teacher's sentence embedding (cosine + MSE) and,
+per student layer, the mean-pooled hidden state of the teacher layer it was initialised from. The teacher's
+outputs are computed once per (teacher, data) and cached, so steps never run the teacher and repeat runs with a
+different student reuse them.
+
+Runs unchanged under ``torchrun --nproc_per_node=N``: each rank trains on its own slice of every batch and
+gradients are averaged by DistributedDataParallel (gloo on CPU, nccl on GPU). Checkpoints (safetensors weights +
+optimizer state) are written every ``checkpoint_every`` steps into the work directory, and a restarted run resumes
+from the last one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from edgepipe.config import DistillConfig, StudentConfig
+from edgepipe.data import encode, load_tokenizer, read_sentences
+from edgepipe.errors import BuildError, ModelError
+from edgepipe.models.transformer import Encoder, EncoderConfig
+
+STUDENT_WEIGHTS = "model.safetensors"
+STUDENT_CONFIG = "config.json"
+TEACHER_BATCH = 64
+CHECKPOINT_EVERY = 50
+
+
+def make_student(teacher: Encoder, cfg: StudentConfig) -> tuple[Encoder, list[int]]:
+    """A student initialised from the teacher.
+
+    Embeddings are copied; student layer i is teacher layer ``cfg.layers[i]``. With ``cfg.ffn`` smaller than the
+    teacher's, each layer keeps the FFN neurons with the largest ``|w_in| * |w_out|`` norm product (the neurons
+    whose removal changes the output least, to first order). Windowed and linear attention reuse Q/K/V/O as they
+    are; a Mamba-2 mixer is initialised from the attention weights (see ``BidirectionalMamba2.from_attention``).
+
+    Returns:
+        The student (train mode) and the teacher layer index each student layer mirrors.
+    """
+    tcfg = teacher.cfg
+    if not cfg.layers:
+        raise BuildError("student.layers is empty.", hint="List teacher layer indices, e.g. layers = [1, 3, 5].")
+    bad = [i for i in cfg.layers if i >= tcfg.layers]
+    if bad:
+        raise BuildError(f"student.layers {list(cfg.layers)} names layers the teacher lacks (it has 0..{tcfg.layers - 1}).")
+    if cfg.hidden not in (None, tcfg.hidden):
+        raise BuildError(
+            f"student.hidden = {cfg.hidden}: a narrower hidden size than the teacher's ({tcfg.hidden}) is not supported.",
+            hint="Keep the teacher's width and narrow the FFN (student.ffn) or drop layers instead.",
+        )
+    ffn = cfg.ffn or tcfg.ffn
+    scfg = replace(tcfg, layers=len(cfg.layers), attention=cfg.attention, ffn=ffn)
+    student = Encoder(scfg)
+    sd = student.state_dict()
+    tsd = teacher.state_dict()
+    for key in sd:
+        if not key.startswith("layers."):
+            sd[key] = tsd[key].clone()
+    for si, ti in enumerate(cfg.layers):
+        src, dst = f"layers.{ti}.", f"layers.{si}."
+        keep = _ffn_keep(teacher.layers[ti], ffn)
+        for key in [k for k in tsd if k.startswith(src)]:
+            name = dst + key[len(src) :]
+            if name not in sd:
+                continue  # e.g. attention weights when the student mixes with Mamba-2
+            value = tsd[key]
+            if ".ffn_in." in key:
+                value = value[keep]
+            elif key.endswith("ffn_out.weight"):
+                value = value[:, keep]
+            sd[name] = value.clone()
+        if cfg.attention == "mamba2":
+            student.layers[si].mixer.init_from_attention(teacher.layers[ti].mixer)
+            sd.update({k: v for k, v in student.state_dict().items() if k.startswith(dst + "mixer.")})
+    student.load_state_dict(sd)
+    return student.train(), list(cfg.layers)
+
+
+def _ffn_keep(layer, ffn: int) -> Tensor:
+    w_in, w_out = layer.ffn_in.weight, layer.ffn_out.weight
+    if ffn >= w_in.shape[0]:
+        return torch.arange(w_in.shape[0])
+    score = w_in.norm(dim=1) * w_out.norm(dim=0)
+    return score.topk(ffn).indices.sort().values
+
+
+def teacher_targets(teacher: Encoder, tok, sentences: list[str], layers: list[int], progress) -> dict[str, np.ndarray]:
+    """Teacher sentence embeddings and mean-pooled hidden states of ``layers`` (fp16 to halve the cache)."""
+    emb, pooled = [], []
+    teacher.eval()
+    with progress.steps("teacher targets", math.ceil(len(sentences) / TEACHER_BATCH)) as bar, torch.no_grad():
+        for i in range(0, len(sentences), TEACHER_BATCH):
+            b = encode(tok, sentences[i : i + TEACHER_BATCH])
+            ids, mask = torch.from_numpy(b["input_ids"]), torch.from_numpy(b["attention_mask"]).float()
+            states = teacher.hidden_states(ids, mask)
+            emb.append(_pool_normalize(states[-1], mask).half().numpy())
+            pooled.append(torch.stack([_pool(states[li + 1], mask) for li in layers], 1).half().numpy())
+            bar.advance()
+    return {"embedding": np.concatenate(emb), "pooled": np.concatenate(pooled)}
+
+
+def _pool(x: Tensor, mask: Tensor) -> Tensor:
+    return (mask.unsqueeze(-1) * x).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
+
+
+def _pool_normalize(x: Tensor, mask: Tensor) -> Tensor:
+    return F.normalize(_pool(x, mask), dim=-1)
+
+
+def _lr(step: int, cfg: DistillConfig) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world size), initialising the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
+
+
+def distill(
+    teacher: Encoder,
+    student_cfg: StudentConfig,
+    cfg: DistillConfig,
+    out_dir: Path,
+    progress,
+    held_out: list[dict[str, np.ndarray]] | None = None,
+    held_out_teacher: np.ndarray | None = None,
+    tokenizer_path: Path | None = None,
+    targets_cache: Path | None = None,
+) -> dict:
+    """Train a student and write it (safetensors + config.json) into ``out_dir``.
+
+    Args:
+        teacher: The fp32 teacher encoder.
+        student_cfg: Which layers to keep, which mixer, FFN width.
+        cfg: Steps, batch size, learning rate, data file, seed.
+        out_dir: Where the student goes; also holds resumable checkpoints while training.
+        progress: ``edgepipe.progress.Progress`` (quiet in tests).
+        held_out: Tokenized held-back batches to report fidelity on (None: skip).
+        held_out_teacher: The teacher's embeddings of ``held_out``, (n, dim).
+        tokenizer_path: The teacher's ``tokenizer.json``.
+        targets_cache: A file to cache the teacher's targets in (None: keep them in memory only).
+
+    Returns:
+        Metrics: steps, final losses, held-back cosine before and after, seconds per step.
+    """
+    rank, world = _dist()
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    tok = load_tokenizer(tokenizer_path, cfg.max_len)
+    sentences = read_sentences(cfg.data)
+    rng.shuffle(sentences)
+    sentences = sentences[: cfg.steps * cfg.batch_size]
+    student, layer_map = make_student(teacher, student_cfg)
+
+    targets = _cached_targets(teacher, tok, sentences, layer_map, progress, targets_cache)
+    before = _held_out_fidelity(student, held_out, held_out_teacher)
+
+    model = student
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(student)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.01)
+    start = _resume(out_dir, student, opt)
+    order = list(range(len(sentences)))
+    history: list[float] = []
+    import time
+
+    t0 = time.perf_counter()
+    with progress.steps("distill", cfg.steps) as bar:
+        bar.set(start)
+        for step in range(start, cfg.steps):
+            idx = [order[(step * cfg.batch_size + j) % len(order)] for j in range(cfg.batch_size)]
+            idx = idx[rank::world]
+            batch = encode(tok, [sentences[i] for i in idx])
+            ids, mask = torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["attention_mask"]).float()
+            t_emb = torch.from_numpy(targets["embedding"][idx]).float()
+            t_pool = torch.from_numpy(targets["pooled"][idx]).float()
+            loss = _loss(model, student, ids, mask, t_emb, t_pool, cfg.hidden_weight)
+            for group in opt.param_groups:
+                group["lr"] = _lr(step, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            opt.step()
+            history.append(loss.item())
+            bar.advance(info=f"loss {np.mean(history[-20:]):.4f}")
+            if rank == 0 and (step + 1) % CHECKPOINT_EVERY == 0 and step + 1 < cfg.steps:
+                _checkpoint(out_dir, student, opt, step + 1)
+    seconds_per_step = (time.perf_counter() - t0) / max(1, cfg.steps - start)
+
+    student.eval()
+    after = _held_out_fidelity(student, held_out, held_out_teacher)
+    if rank == 0:
+        save_student(student, out_dir)
+        if held_out is not None:
+            np.save(out_dir / "held_out.npy", after.pop("embeddings"))
+        (out_dir / "checkpoint.safetensors").unlink(missing_ok=True)
+        (out_dir / "optimizer.pt").unlink(missing_ok=True)
+    before.pop("embeddings", None)
+    return {
+        "steps": cfg.steps,
+        "resumed_from": start,
+        "sentences": len(sentences),
+        "world_size": world,
+        "final_loss": round(float(np.mean(history[-20:])), 5) if history else None,
+        "seconds_per_step": round(seconds_per_step, 3),
+        "layer_map": layer_map,
+        "held_out_before": before or None,
+        "held_out": after or None,
+    }
+
+
+def _loss(model, student: Encoder, ids, mask, t_emb, t_pool, hidden_weight: float) -> Tensor:
+    states = model.module.hidden_states(ids, mask) if hasattr(model, "module") else student.hidden_states(ids, mask)
+    emb = _pool_normalize(states[-1], mask)
+    loss = (1 - (emb * t_emb).sum(-1)).mean() + F.mse_loss(emb, t_emb) * emb.shape[-1]
+    if hidden_weight:
+        pooled = torch.stack([_pool(s, mask) for s in states[1:]], 1)
+        loss = loss + hidden_weight * F.mse_loss(pooled, t_pool)
+    return loss
+
+
+def _cached_targets(teacher, tok, sentences, layers, progress, cache: Path | None) -> dict[str, np.ndarray]:
+    if cache is not None and cache.is_file():
+        with np.load(cache) as data:
+            return {k: data[k] for k in data.files}
+    targets = teacher_targets(teacher, tok, sentences, layers, progress)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, **targets)
+        tmp.rename(cache)
+    return targets
+
+
+def _held_out_fidelity(student: Encoder, held_out, teacher_emb) -> dict:
+    if held_out is None or teacher_emb is None:
+        return {}
+    from edgepipe.stages.validate import compare, embed_torch
+
+    emb = embed_torch(student, held_out)
+    student.train()
+    return {**compare(emb, teacher_emb), "embeddings": emb}
+
+
+def _checkpoint(out_dir: Path, student: Encoder, opt, step: int) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(out_dir / "checkpoint.tmp"))
+    torch.save({"step": step, "optimizer": opt.state_dict()}, out_dir / "optimizer.tmp")
+    (out_dir / "checkpoint.tmp").replace(out_dir / "checkpoint.safetensors")
+    (out_dir / "optimizer.tmp").replace(out_dir / "optimizer.pt")
+
+
+def _resume(out_dir: Path, student: Encoder, opt) -> int:
+    ckpt, state = out_dir / "checkpoint.safetensors", out_dir / "optimizer.pt"
+    if not (ckpt.is_file() and state.is_file()):
+        return 0
+    student.load_state_dict(load_file(str(ckpt)))
+    saved = torch.load(state, weights_only=True)
+    opt.load_state_dict(saved["optimizer"])
+    return int(saved["step"])
+
+
+def save_student(student: Encoder, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(out_dir / STUDENT_WEIGHTS))
+    (out_dir / STUDENT_CONFIG).write_text(json.dumps(asdict(student.cfg), indent=2))
+
+
+def load_student(path: Path) -> Encoder:
+    """Load a student written by ``save_student`` (eval mode).
+
+    Raises:
+        ModelError: Missing or corrupt files.
+    """
+    try:
+        cfg = EncoderConfig(**json.loads((path / STUDENT_CONFIG).read_text()))
+        model = Encoder(cfg)
+        model.load_state_dict(load_file(str(path / STUDENT_WEIGHTS)))
+    except (OSError, ValueError, TypeError, RuntimeError) as exc:
+        raise ModelError(f"Cannot load the student in {path}: {exc}.", hint="Rebuild with --force.") from None
+    return model.eval()
