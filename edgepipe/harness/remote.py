@@ -1,0 +1,631 @@
+"""Move a bundle and runner.py to a device, verify it there, run the benchmark and fetch its JSON.
+
+Device URLs: ``local`` (a subprocess here), ``ssh://user@host[:port]`` (asyncssh; host keys checked against
+known_hosts, key or agent auth) and ``adb://serial`` (the ``adb`` tool, list arguments only). The device needs
+Python 3.8+, numpy and the bundle's runtime; ``deploy`` says exactly what is missing.
+
+A deploy copies into ``<remote_dir>.partial`` and renames it into place, then runs ``runner.py --verify`` on the
+device. A re-deploy of the same bundle and runner copies nothing. Results are written to a temporary file in
+``results_dir`` and renamed, so a failed bench leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from edgepipe.errors import BundleError, DeviceError, MissingExtraError, UsageError
+from edgepipe.harness import runner as _runner
+
+RUNNER = Path(_runner.__file__)
+CONNECT_TIMEOUT_S = 10.0
+RUN_TIMEOUT_S = 1800.0
+
+
+@dataclass(frozen=True)
+class DeviceURL:
+    """A parsed device URL. ``where`` names it in messages (``pi@host:2222``), ``slug`` in file names."""
+
+    scheme: str
+    host: str | None = None
+    user: str | None = None
+    port: int = 22
+    serial: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> DeviceURL:
+        """Parse ``local``, ``ssh://user@host[:port]`` or ``adb://serial``.
+
+        Raises:
+            UsageError: Anything else.
+        """
+        accepted = "Accepted: local, ssh://user@host[:port], adb://serial."
+        if url == "local":
+            return cls("local")
+        m = re.fullmatch(r"ssh://(?:([^@/:\s]+)@)?(\[[0-9a-fA-F:]+\]|[^@/:\s\[\]]+)(?::(\d{1,5}))?/?", url)
+        if m:
+            port = int(m.group(3) or 22)
+            if not 0 < port < 65536:
+                raise UsageError(f"Device '{url}' has port {port}; ports run 1-65535.", hint=accepted)
+            return cls("ssh", host=m.group(2).strip("[]"), user=m.group(1), port=port)
+        m = re.fullmatch(r"adb://([A-Za-z0-9._:-]+)", url)
+        if m:
+            return cls("adb", serial=m.group(1))
+        raise UsageError(f"Device '{url}' is not a device URL.", hint=accepted)
+
+    @property
+    def where(self) -> str:
+        if self.scheme == "ssh":
+            host = f"[{self.host}]" if ":" in str(self.host) else str(self.host)  # IPv6
+            return f"{self.user + '@' if self.user else ''}{host}{'' if self.port == 22 else f':{self.port}'}"
+        return f"adb device {self.serial}" if self.scheme == "adb" else "this machine"
+
+    @property
+    def url(self) -> str:
+        if self.scheme == "ssh":
+            return f"ssh://{self.where}"
+        return f"adb://{self.serial}" if self.scheme == "adb" else "local"
+
+    @property
+    def slug(self) -> str:
+        raw = {"local": "local", "adb": f"adb-{self.serial}"}.get(self.scheme) or self.where.replace(":", "-")
+        return re.sub(r"[^A-Za-z0-9._@-]+", "-", raw)
+
+
+@dataclass
+class DeployResult:
+    """What ``deploy`` did. ``verify`` is the runner's ``edgepipe.verify/1`` report from the device."""
+
+    url: str
+    remote_dir: str
+    runner: str
+    python: str
+    python_version: str
+    runtime: str
+    runtime_version: str | None
+    copied: bool
+    files: int
+    bytes: int
+    seconds: float
+    verify: dict = field(repr=False)
+
+
+# ----------------------------------------------------------------------------------------------- transports
+
+
+class _Transport(Protocol):
+    where: str
+
+    def run(self, argv: list[str], timeout: float) -> tuple[int, str, str]: ...
+    def put(self, pairs: list[tuple[Path, str]]) -> None: ...
+    def get(self, remote: str, local: Path) -> None: ...
+    def close(self) -> None: ...
+
+
+class _LocalTransport:
+    where = "this machine"
+
+    def run(self, argv: list[str], timeout: float) -> tuple[int, str, str]:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        except FileNotFoundError:
+            return 127, "", f"{argv[0]}: not found"
+        except subprocess.TimeoutExpired:
+            raise DeviceError(f"'{' '.join(argv[:2])} ...' did not finish within {timeout:.0f} s here.") from None
+        return done.returncode, done.stdout, done.stderr
+
+    def put(self, pairs: list[tuple[Path, str]]) -> None:
+        for local, remote in pairs:
+            Path(remote).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(local, remote)
+
+    def get(self, remote: str, local: Path) -> None:
+        shutil.copyfile(remote, local)
+
+    def close(self) -> None:
+        pass
+
+
+class _SshTransport:
+    """asyncssh behind a synchronous face: one private event loop per connection."""
+
+    def __init__(
+        self,
+        device: DeviceURL,
+        *,
+        known_hosts: Path | None,
+        insecure_host_key: bool,
+        identity_file: Path | None,
+        timeout: float,
+    ) -> None:
+        try:
+            import asyncssh
+        except ImportError:
+            raise MissingExtraError("asyncssh (for ssh:// devices)", "remote") from None
+        self._asyncssh, self.where, self._device = asyncssh, device.where, device
+        login = f"{device.user + '@' if device.user else ''}{device.host}"
+        self._first_contact = (
+            f"Connect once with `ssh -p {device.port} {login}` and accept its key after checking the fingerprint, "
+            "or pass --insecure-host-key (lab only)."
+        )
+        known = None if insecure_host_key else Path(known_hosts or Path.home() / ".ssh" / "known_hosts").expanduser()
+        if known is not None and not known.is_file():
+            raise DeviceError(
+                f"No known_hosts file at {known}, so the host key of {self.where} cannot be checked.",
+                hint=self._first_contact,
+            )
+        options = {"known_hosts": str(known) if known else None, "connect_timeout": timeout}
+        if identity_file is not None:
+            options["client_keys"] = [str(Path(identity_file).expanduser())]
+        if device.user:
+            options["username"] = device.user
+        self._loop = asyncio.new_event_loop()
+        try:
+            self._conn = self._loop.run_until_complete(
+                asyncio.wait_for(asyncssh.connect(device.host, device.port, **options), timeout + 5)
+            )
+        except asyncssh.HostKeyNotVerifiable as e:
+            self._loop.close()
+            raise self._host_key_error(known, e) from None
+        except asyncssh.PermissionDenied:
+            self._loop.close()
+            raise DeviceError(
+                f"Authentication failed for {self.where}: the server accepted none of the offered keys.",
+                hint="Add your public key to ~/.ssh/authorized_keys on the device, load it into "
+                "ssh-agent, or pass an identity file.",
+            ) from None
+        except TimeoutError:
+            self._loop.close()
+            raise DeviceError(
+                f"{self.where} did not complete an SSH handshake within {timeout:g} s.",
+                hint="Check the host, port and network, or raise the timeout.",
+            ) from None
+        except (OSError, asyncssh.Error) as e:
+            self._loop.close()
+            errno = getattr(e, "errno", None)
+            reason = (os.strerror(errno) if errno else None) or getattr(e, "reason", None) or str(e) or type(e).__name__
+            raise DeviceError(
+                f"Cannot reach {self.where} over ssh: {reason}.",
+                hint="Check that the device is on, sshd runs, and the host and port are right.",
+            ) from None
+
+    def _host_key_error(self, known: Path, error: Exception) -> DeviceError:
+        try:
+            recorded = self._asyncssh.read_known_hosts(str(known)).match(self._device.host, "", self._device.port)[0]
+        except Exception:  # an unreadable known_hosts: fall back to the generic message
+            recorded = ()
+        if recorded:
+            host, port = self._device.host, self._device.port
+            entry = host if port == 22 else f"[{host}]:{port}"
+            return DeviceError(
+                f"The host key of {self.where} does NOT match the one recorded in {known}.",
+                hint="The device was reinstalled, or someone is in between. Check its key, then "
+                f"remove the old entry (ssh-keygen -f {known} -R '{entry}').",
+            )
+        return DeviceError(f"The host key of {self.where} is not in {known} ({error}).", hint=self._first_contact)
+
+    def run(self, argv: list[str], timeout: float) -> tuple[int, str, str]:
+        try:
+            done = self._loop.run_until_complete(self._conn.run(shlex.join(argv), check=False, timeout=timeout))
+        except (TimeoutError, self._asyncssh.TimeoutError):
+            raise DeviceError(
+                f"'{shlex.join(argv[:2])} ...' did not finish within {timeout:.0f} s on {self.where}."
+            ) from None
+        except (OSError, self._asyncssh.Error) as e:
+            raise DeviceError(f"Lost the ssh connection to {self.where}: {e}.") from None
+        status = done.exit_status if done.exit_status is not None else 255
+        return status, str(done.stdout or ""), str(done.stderr or "")
+
+    def put(self, pairs: list[tuple[Path, str]]) -> None:
+        async def _put() -> None:
+            async with self._conn.start_sftp_client() as sftp:
+                for local, remote in pairs:
+                    await sftp.makedirs(os.path.dirname(remote) or ".", exist_ok=True)
+                    await sftp.put(str(local), remote)
+
+        self._loop.run_until_complete(_put())
+
+    def get(self, remote: str, local: Path) -> None:
+        async def _get() -> None:
+            async with self._conn.start_sftp_client() as sftp:
+                await sftp.get(remote, str(local))
+
+        self._loop.run_until_complete(_get())
+
+    def close(self) -> None:
+        self._conn.close()
+        self._loop.run_until_complete(self._conn.wait_closed())
+        self._loop.close()
+
+
+class _AdbTransport:
+    """``adb -s SERIAL shell|push|pull``. The device needs a Python reachable from adb shell (e.g. a static build
+    pushed to /data/local/tmp, pass ``python=``); Termux's Python runs under another uid and is not reachable."""
+
+    def __init__(self, device: DeviceURL, timeout: float) -> None:
+        adb = shutil.which("adb")
+        if adb is None:
+            raise DeviceError("adb is not installed here.", hint="Install Android platform-tools (apt install adb).")
+        self._adb, self.where = [adb, "-s", str(device.serial)], device.where
+        try:
+            state = subprocess.run([*self._adb, "get-state"], capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise DeviceError(f"{self.where} did not answer within {timeout:g} s.") from None
+        if state.stdout.strip() != "device":
+            listed = subprocess.run([adb, "devices"], capture_output=True, text=True, timeout=timeout).stdout
+            serials = [ln.split()[0] for ln in listed.splitlines()[1:] if ln.strip()]
+            raise DeviceError(
+                f"{self.where} is not attached ({state.stderr.strip() or state.stdout.strip()}).",
+                hint=f"adb devices lists: {', '.join(serials) or 'nothing'}.",
+            )
+
+    def _adb_run(self, args: list[str], timeout: float) -> subprocess.CompletedProcess:
+        try:
+            return subprocess.run([*self._adb, *args], capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise DeviceError(f"adb {args[0]} did not finish within {timeout:.0f} s on {self.where}.") from None
+
+    def run(self, argv: list[str], timeout: float) -> tuple[int, str, str]:
+        done = self._adb_run(["shell", shlex.join(argv)], timeout)  # adb shell hands one string to the device's sh
+        return done.returncode, done.stdout, done.stderr
+
+    def put(self, pairs: list[tuple[Path, str]]) -> None:
+        for local, remote in pairs:
+            self._adb_run(["shell", shlex.join(["mkdir", "-p", os.path.dirname(remote)])], 60)
+            done = self._adb_run(["push", str(local), remote], 600)
+            if done.returncode != 0:
+                raise DeviceError(f"adb push {local.name} to {self.where} failed: {done.stderr.strip()}")
+
+    def get(self, remote: str, local: Path) -> None:
+        done = self._adb_run(["pull", remote, str(local)], 120)
+        if done.returncode != 0:
+            raise DeviceError(f"adb pull {remote} from {self.where} failed: {done.stderr.strip()}")
+
+    def close(self) -> None:
+        pass
+
+
+@contextmanager
+def _connect(device: DeviceURL, **options) -> Iterator[_Transport]:
+    if device.scheme == "ssh":
+        transport = _SshTransport(
+            device,
+            known_hosts=options.get("known_hosts"),
+            insecure_host_key=options.get("insecure_host_key", False),
+            identity_file=options.get("identity_file"),
+            timeout=options["timeout"],
+        )
+    elif device.scheme == "adb":
+        transport = _AdbTransport(device, options["timeout"])
+    else:
+        transport = _LocalTransport()
+    try:
+        yield transport
+    finally:
+        transport.close()
+
+
+# ----------------------------------------------------------------------------------------------- deploy
+
+
+def _local_bundle(bundle_dir: Path) -> dict:
+    """Read the manifest and check the local copy before sending it anywhere."""
+    try:
+        manifest = _runner.load_manifest(str(bundle_dir))
+    except _runner.RunnerError as e:
+        raise BundleError(str(e), hint="Pass a directory written by `edgepipe build`.") from None
+    problems = _runner.verify_files(str(bundle_dir), manifest)["problems"]
+    if problems:
+        listed = "; ".join(f"{p['path']} ({p['problem']})" for p in problems)
+        raise BundleError(
+            f"Bundle {bundle_dir} does not match its manifest: {listed}.",
+            hint="Rebuild it with `edgepipe build`; nothing was copied.",
+        )
+    return manifest
+
+
+def _target_name(manifest: dict) -> str:
+    target = manifest.get("target")
+    return str(target.get("name") if isinstance(target, dict) else target or "target")
+
+
+def _default_remote_dir(device: DeviceURL, manifest: dict) -> str:
+    tail = f"edgepipe/{manifest.get('model', 'model')}/{_target_name(manifest)}"
+    return f"/data/local/tmp/{tail}" if device.scheme == "adb" else tail  # ssh: relative to the login directory
+
+
+def _run_verify(
+    t: _Transport, device: DeviceURL, python: str, runner: str, remote_dir: str, timeout: float
+) -> tuple[int, dict | None, str]:
+    rc, out, err = t.run([python, runner, remote_dir, "--verify"], timeout)
+    if rc == 127 or ("not found" in err and python in err and not out.strip()):
+        raise DeviceError(
+            f"{python} is not found on {device.where}.",
+            hint="Install Python 3.8+ there (e.g. apt install python3) or pass the interpreter's path.",
+        )
+    try:
+        report = json.loads(out)
+    except ValueError:
+        return rc, None, err
+    return rc, report if isinstance(report, dict) and report.get("schema") == _runner.VERIFY_SCHEMA else None, err
+
+
+def _pins(manifest: dict, missing: list[str]) -> str:
+    versions = manifest.get("versions") or manifest.get("packages") or {}
+    return " ".join(f"{m}=={versions[m]}" if isinstance(versions, dict) and versions.get(m) else m for m in missing)
+
+
+def _raise_for_report(report: dict, device: DeviceURL, python: str, manifest: dict) -> None:
+    problems = report["files"]["problems"]
+    if problems:
+        listed = "; ".join(f"{p['path']} ({p['problem']})" for p in problems)
+        raise DeviceError(
+            f"sha256 check failed on {device.where} for {len(problems)} file(s): {listed}.",
+            hint="The copy on the device is damaged or its storage is failing; deploy again.",
+        )
+    runtime = report["runtime"]
+    if not runtime["importable"]:
+        missing = runtime["missing"]
+        pyver = ".".join(report["python"]["version"].split(".")[:2])
+        verb = "is" if len(missing) == 1 else "are"
+        if not missing:
+            raise DeviceError(f"Runtime {runtime['name']!r} cannot run on {device.where}: {runtime['error']}.")
+        raise DeviceError(
+            f"{', '.join(missing)} {verb} not installed on {device.where} ({python} {pyver}): "
+            f"pip install {_pins(manifest, missing)}",
+            hint=f"(import error: {runtime['error']})",
+        )
+
+
+def _free_bytes(t: _Transport, path: str) -> int | None:
+    rc, out, _ = t.run(["df", "-Pk", path], 30)
+    try:
+        return int(out.strip().splitlines()[-1].split()[3]) * 1024 if rc == 0 else None
+    except (IndexError, ValueError):
+        return None
+
+
+def _copy(t: _Transport, device: DeviceURL, bundle: Path, manifest: dict, remote_dir: str) -> tuple[int, int]:
+    """Copy manifest-listed files + runner.py to remote_dir via a staging dir; returns (files, bytes)."""
+    rels = ["manifest.json", *sorted(manifest["files"])]
+    pairs = [(bundle / rel, f"{remote_dir}.partial/{rel}") for rel in rels] + [
+        (RUNNER, f"{remote_dir}.partial/runner.py")
+    ]
+    need = sum(local.stat().st_size for local, _ in pairs)
+    staging = f"{remote_dir}.partial"
+    rc, _, err = t.run(["mkdir", "-p", staging], 60)
+    if rc != 0:
+        raise DeviceError(f"Cannot create {staging} on {device.where}: {err.strip()}", hint="Pass another remote dir.")
+    free = _free_bytes(t, staging)
+    if free is not None and free < need:
+        t.run(["rm", "-rf", staging], 60)
+        raise DeviceError(
+            f"No space on {device.where}: the bundle needs {need / 1e6:.2f} MB in {remote_dir}, "
+            f"{free / 1e6:.2f} MB are free.",
+            hint="Free space there or pass another remote dir.",
+        )
+    try:
+        t.put(pairs)
+    except Exception as e:  # OSError, DeviceError, asyncssh.SFTPError (SFTP v3 reports ENOSPC as a bare "Failure")
+        free = _free_bytes(t, staging)
+        t.run(["rm", "-rf", staging], 60)
+        if free is not None and free < 64 * 1024:
+            raise DeviceError(
+                f"No space on {device.where}: the copy to {remote_dir} ran out of room ({need / 1e6:.2f} MB needed).",
+                hint="Free space there or pass another remote dir.",
+            ) from None
+        raise DeviceError(f"Copying the bundle to {device.where} failed: {e}.") from None
+    rc, _, err = t.run(["sh", "-c", 'rm -rf "$1" && mv "$2" "$1"', "sh", remote_dir, staging], 120)
+    if rc != 0:
+        raise DeviceError(f"Cannot move the bundle into {remote_dir} on {device.where}: {err.strip()}")
+    return len(pairs), need
+
+
+def _deploy(
+    t: _Transport, device: DeviceURL, bundle: Path, manifest: dict, remote_dir: str | None, python: str, timeout: float
+) -> DeployResult:
+    start = time.perf_counter()
+    in_place = device.scheme == "local" and remote_dir is None
+    remote_dir = str(bundle.resolve()) if in_place else remote_dir or _default_remote_dir(device, manifest)
+    runner = str(RUNNER) if in_place else f"{remote_dir}/runner.py"
+    files, nbytes, copied = 0, 0, False
+    rc, report, err = _run_verify(t, device, python, runner, remote_dir, timeout)
+    current = (
+        report is not None
+        and not report["files"]["problems"]
+        and report["manifest_sha256"] == _runner.sha256_file(str(bundle / "manifest.json"))
+        and report["runner_sha256"] == _runner.sha256_file(str(RUNNER))
+    )
+    if not current and not in_place:
+        files, nbytes = _copy(t, device, bundle, manifest, remote_dir)
+        copied = True
+        rc, report, err = _run_verify(t, device, python, runner, remote_dir, timeout)
+    if report is None:
+        last = (err.strip().splitlines() or ["no output"])[-1]
+        raise DeviceError(f"runner.py --verify failed on {device.where} (exit {rc}): {last}")
+    _raise_for_report(report, device, python, manifest)
+    return DeployResult(
+        url=device.url,
+        remote_dir=remote_dir,
+        runner=runner,
+        python=python,
+        python_version=report["python"]["version"],
+        runtime=report["runtime"]["name"],
+        runtime_version=report["runtime"]["version"],
+        copied=copied,
+        files=files,
+        bytes=nbytes,
+        seconds=time.perf_counter() - start,
+        verify=report,
+    )
+
+
+def deploy(
+    bundle_dir: Path,
+    url: str,
+    *,
+    insecure_host_key: bool = False,
+    known_hosts: Path | None = None,
+    identity_file: Path | None = None,
+    remote_dir: str | None = None,
+    python: str | None = None,
+    timeout: float = CONNECT_TIMEOUT_S,
+    run_timeout: float = RUN_TIMEOUT_S,
+) -> DeployResult:
+    """Copy a bundle and runner.py to a device and prove it can run there.
+
+    Args:
+        bundle_dir: A bundle written by ``edgepipe build`` (manifest.json, model file, check.npz).
+        url: ``local``, ``ssh://user@host[:port]`` or ``adb://serial``.
+        insecure_host_key: Skip the host key check (lab devices only).
+        known_hosts: known_hosts file to check the host key against (default ~/.ssh/known_hosts).
+        identity_file: Private key to log in with (default: ssh-agent and ~/.ssh/id_*).
+        remote_dir: Where the bundle goes (ssh default: ~/edgepipe/<model>/<target>; local default: in place).
+        python: The device's interpreter (default ``python3``; ``local``: this interpreter).
+        timeout: Seconds to reach the device and log in.
+        run_timeout: Seconds any one command on the device may take.
+
+    Returns:
+        What was copied and the device's verify report.
+
+    Raises:
+        UsageError: A bad device URL.
+        BundleError: The local bundle does not match its manifest (nothing is copied).
+        DeviceError: Unreachable, host key, auth, no space, sha256 mismatch on the device, missing runtime.
+    """
+    device = DeviceURL.parse(url)
+    bundle = Path(bundle_dir)
+    manifest = _local_bundle(bundle)
+    python = python or (sys.executable if device.scheme == "local" else "python3")
+    with _connect(
+        device,
+        known_hosts=known_hosts,
+        insecure_host_key=insecure_host_key,
+        identity_file=identity_file,
+        timeout=timeout,
+    ) as t:
+        return _deploy(t, device, bundle, manifest, remote_dir, python, run_timeout)
+
+
+# ----------------------------------------------------------------------------------------------- bench
+
+
+def result_name(manifest: dict, device: DeviceURL, when: datetime.datetime) -> str:
+    """``<model>__<target>__<device>__<UTC time>.json``, safe as a file name."""
+    parts = [str(manifest.get("model", "model")), _target_name(manifest), device.slug, when.strftime("%Y%m%dT%H%M%SZ")]
+    return "__".join(re.sub(r"[^A-Za-z0-9._@-]+", "-", p) for p in parts) + ".json"
+
+
+def bench(
+    bundle_dir: Path,
+    url: str,
+    *,
+    runs: int = 50,
+    warmup: int = 10,
+    batch: int | None = None,
+    seq: int | None = None,
+    threads: int | None = None,
+    results_dir: Path = Path("results"),
+    deploy_first: bool = True,
+    insecure_host_key: bool = False,
+    known_hosts: Path | None = None,
+    identity_file: Path | None = None,
+    remote_dir: str | None = None,
+    python: str | None = None,
+    timeout: float = CONNECT_TIMEOUT_S,
+    run_timeout: float = RUN_TIMEOUT_S,
+) -> Path:
+    """Run the benchmark on a device and fetch its ``edgepipe.bench/1`` JSON into ``results_dir``.
+
+    Args:
+        bundle_dir: The local bundle (its manifest names the result file).
+        url: ``local``, ``ssh://user@host[:port]`` or ``adb://serial``.
+        runs, warmup, batch, seq, threads: Passed to runner.py (see its --help).
+        results_dir: Where the JSON lands, as ``<model>__<target>__<device>__<time>.json``.
+        deploy_first: Deploy (a no-op when the device already holds this bundle) before running.
+        Others: As for :func:`deploy`.
+
+    Returns:
+        The path of the result JSON. A failed output check still returns it (``check.passed`` is false).
+
+    Raises:
+        DeviceError: As for deploy, or the runner failed on the device (its last error line is quoted).
+    """
+    device = DeviceURL.parse(url)
+    bundle = Path(bundle_dir)
+    manifest = _local_bundle(bundle)
+    python = python or (sys.executable if device.scheme == "local" else "python3")
+    results_dir = Path(results_dir)
+    when = datetime.datetime.now(datetime.UTC)
+    with _connect(
+        device,
+        known_hosts=known_hosts,
+        insecure_host_key=insecure_host_key,
+        identity_file=identity_file,
+        timeout=timeout,
+    ) as t:
+        if deploy_first:
+            deployed = _deploy(t, device, bundle, manifest, remote_dir, python, run_timeout)
+            remote_dir, runner = deployed.remote_dir, deployed.runner
+        elif device.scheme == "local" and remote_dir is None:
+            remote_dir, runner = str(bundle.resolve()), str(RUNNER)
+        else:
+            remote_dir = remote_dir or _default_remote_dir(device, manifest)
+            runner = f"{remote_dir}/runner.py"
+        stamp = when.strftime("%Y%m%dT%H%M%S%fZ")
+        # beside the bundle on a device; in the temp dir here, so a read-only artifacts/ still benches
+        remote_json = (
+            os.path.join(tempfile.gettempdir(), f"edgepipe-bench-{os.getpid()}-{stamp}.json")
+            if device.scheme == "local"
+            else f"{remote_dir}.bench-{stamp}.json"
+        )
+        argv = [python, runner, remote_dir, "--runs", str(runs), "--warmup", str(warmup), "--json", remote_json]
+        for flag, value in (("--batch", batch), ("--seq", seq), ("--threads", threads)):
+            if value is not None:
+                argv += [flag, str(value)]
+        rc, _, err = t.run(argv, run_timeout)
+        last = (err.strip().splitlines() or ["no output"])[-1].removeprefix("error: ")
+        if rc == _runner.EXIT_USAGE:
+            raise UsageError(f"runner.py on {device.where} refused the request: {last}")
+        if rc == _runner.EXIT_BAD_FILES:
+            raise DeviceError(
+                f"The bundle on {device.where} failed its check: {last}",
+                hint="Deploy again (bench deploys first unless told not to).",
+            )
+        if rc == _runner.EXIT_MISSING_RUNTIME:
+            raise DeviceError(f"The runtime cannot run on {device.where}: {last}")
+        if rc not in (_runner.EXIT_OK, _runner.EXIT_CHECK_FAILED):
+            raise DeviceError(f"runner.py failed on {device.where} (exit {rc}): {last}")
+        results_dir.mkdir(parents=True, exist_ok=True)
+        final = results_dir / result_name(manifest, device, when)
+        for n in range(2, 1000):  # two runs in one second keep both results
+            if not final.exists():
+                break
+            final = final.with_name(f"{result_name(manifest, device, when)[:-5]}-{n}.json")
+        partial = results_dir / f".{final.name}.partial"
+        try:
+            t.get(remote_json, partial)
+            record = json.loads(partial.read_text())
+            if not isinstance(record, dict) or record.get("schema") != _runner.SCHEMA:
+                raise DeviceError(f"{device.where} returned a result that is not {_runner.SCHEMA}.")
+            record["device"]["url"] = device.url
+            partial.write_text(json.dumps(record, indent=1) + "\n")
+            os.replace(partial, final)
+        finally:
+            partial.unlink(missing_ok=True)
+            t.run(["rm", "-f", remote_json], 60)
+    return final

@@ -1,0 +1,203 @@
+"""Many ``edgepipe.bench/1`` JSONs -> one comparison: a rich table, CSV, HTML and a plot.
+
+One row per result: model, target, device, precision, latency p50/p90, throughput, peak RSS, bundle size,
+fidelity (the on-device check against check.npz; the build's cosine vs the teacher where the manifest has it) and
+power where the device exposes it.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+from edgepipe.errors import MissingExtraError, UsageError
+
+SCHEMA = "edgepipe.bench/1"
+REQUIRED = ("bundle", "device", "latency_ms", "throughput", "memory", "check", "power", "env")
+
+# (header, key in row(), format); the order is the table's, the CSV's and the HTML's.
+COLUMNS = [
+    ("model", "model", "{}"),
+    ("target", "target", "{}"),
+    ("device", "device", "{}"),
+    ("precision", "precision", "{}"),
+    ("p50 ms", "p50_ms", "{:.3f}"),
+    ("p90 ms", "p90_ms", "{:.3f}"),
+    ("items/s", "items_per_s", "{:.1f}"),
+    ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
+    ("size MB", "size_mb", "{:.2f}"),
+    ("fidelity", "fidelity", "{}"),
+    ("cos vs teacher", "teacher_cos", "{:.4f}"),
+    ("power W", "power_w", "{:.2f}"),
+]
+
+
+def load_results(paths: list[Path]) -> list[dict]:
+    """Read bench results, in the order given.
+
+    Raises:
+        UsageError: A file is missing, not JSON, or not an edgepipe.bench/1 result (the message names it).
+    """
+    results = []
+    for path in map(Path, paths):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UsageError(f"{path}: no such file.", hint="Pass result JSONs written by `edgepipe bench`.") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UsageError(
+                f"{path} is not valid JSON ({e}).", hint="Pass result JSONs written by `edgepipe bench`."
+            ) from None
+        schema = record.get("schema") if isinstance(record, dict) else None
+        if schema != SCHEMA:
+            raise UsageError(
+                f"{path} is not an edgepipe bench result (schema {schema!r}, expected {SCHEMA!r}).",
+                hint="Pass result JSONs written by `edgepipe bench`.",
+            )
+        missing = [k for k in REQUIRED if not isinstance(record.get(k), dict)]
+        if missing:
+            raise UsageError(
+                f"{path} is an incomplete {SCHEMA} result: no {', '.join(missing)}.",
+                hint="Re-run `edgepipe bench`; the file may be truncated or hand-edited.",
+            )
+        record.setdefault("_path", str(path))
+        results.append(record)
+    return results
+
+
+def row(result: dict) -> dict:
+    """The flat values one result contributes to the table (None where unknown)."""
+    bundle, lat, check = result["bundle"], result["latency_ms"], result["check"]
+    device = result["device"].get("url") or result["device"].get("name") or result["env"].get("hostname")
+    if device == "local":
+        device = f"local ({result['env'].get('hostname')})"
+    if check.get("min_cosine") is None:
+        fidelity = "FAIL" if check.get("passed") is False else None
+    else:
+        fidelity = f"{'ok' if check.get('passed') else 'FAIL'} cos {check['min_cosine']:.4f}"
+    files_bytes = bundle.get("files_bytes")
+    return {
+        "model": bundle.get("model"),
+        "target": bundle.get("target"),
+        "device": device,
+        "precision": bundle.get("precision"),
+        "p50_ms": lat.get("p50"),
+        "p90_ms": lat.get("p90"),
+        "items_per_s": result["throughput"].get("items_per_s"),
+        "peak_rss_mb": result["memory"].get("peak_rss_mb"),
+        "size_mb": files_bytes / 1e6 if files_bytes is not None else None,
+        "fidelity": fidelity,
+        # build-time mean cosine of the lowered model vs the teacher, where the manifest records it
+        "teacher_cos": ((bundle.get("fidelity") or {}).get("lowered") or {}).get("mean_cosine"),
+        "power_w": result["power"].get("mean_w"),
+    }
+
+
+def _cell(fmt: str, value: object) -> str:
+    if value is None:
+        return "-"
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def compare_table(results: list[dict]) -> Table:
+    """One rich table row per result, in the order given."""
+    table = Table(title="edgepipe bench", header_style="bold")
+    for header, key, _ in COLUMNS:
+        numeric = key not in ("model", "target", "device", "precision", "fidelity")
+        table.add_column(header, justify="right" if numeric else "left", no_wrap=key in ("p50_ms", "p90_ms"))
+    for result in results:
+        values = row(result)
+        cells = [_cell(fmt, values[key]) for _, key, fmt in COLUMNS]
+        style = "red" if result["check"].get("passed") is False else None
+        table.add_row(*cells, style=style)
+    return table
+
+
+def write_csv(results: list[dict], path: Path) -> Path:
+    """The table's rows as CSV with unformatted numbers (empty where unknown)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow([key for _, key, _ in COLUMNS] + ["p99_ms", "source"])
+        for result in results:
+            values = row(result)
+            writer.writerow(
+                [("" if values[k] is None else values[k]) for _, k, _ in COLUMNS]
+                + [result["latency_ms"].get("p99"), result.get("_path", "")]
+            )
+    tmp.replace(path)
+    return path
+
+
+def write_html(results: list[dict], path: Path) -> Path:
+    """A self-contained HTML page with the comparison table (every value escaped)."""
+    path = Path(path)
+    head = "".join(f"<th>{html.escape(h)}</th>" for h, _, _ in COLUMNS)
+    body = []
+    for result in results:
+        values = row(result)
+        failed = ' class="fail"' if result["check"].get("passed") is False else ""
+        cells = "".join(f"<td>{html.escape(_cell(fmt, values[k]))}</td>" for _, k, fmt in COLUMNS)
+        body.append(f"<tr{failed}>{cells}</tr>")
+    page = (
+        '<!doctype html>\n<html><head><meta charset="utf-8"><title>edgepipe bench</title>\n<style>'
+        "body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
+        "td{text-align:right}td:nth-child(-n+4){text-align:left}tr.fail{background:#fdd}</style></head>\n"
+        f"<body><h1>edgepipe bench</h1>\n<table><thead><tr>{head}</tr></thead>\n<tbody>\n"
+        + "\n".join(body)
+        + "\n</tbody></table></body></html>\n"
+    )
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def plot(results: list[dict], path: Path) -> Path:
+    """Latency (p50 bar, p90 whisker) per result, and fidelity vs p50 where the check has a cosine.
+
+    Raises:
+        MissingExtraError: matplotlib is not installed (the ``plot`` extra).
+    """
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no global backend or figure state in the caller
+    except ImportError:
+        raise MissingExtraError("matplotlib (for --plot)", "plot") from None
+    rows = [row(r) for r in results]
+    labels = [f"{r['model']} / {r['target']}\n{r['device']} / {r['precision']}" for r in rows]
+    p50 = [r["p50_ms"] or 0.0 for r in rows]
+    p90 = [max((r["p90_ms"] or 0.0) - (r["p50_ms"] or 0.0), 0.0) for r in rows]
+    fig = Figure(figsize=(12, 1.5 + 0.6 * len(rows)))
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    ypos = list(range(len(rows)))
+    left.barh(ypos, p50, xerr=[[0.0] * len(rows), p90], color="#4c72b0", capsize=3)
+    left.set_yticks(ypos, labels, fontsize=8)
+    left.invert_yaxis()
+    left.set_xlabel("latency ms (bar p50, whisker p90)")
+    cos = [
+        (r["p50_ms"], res["check"].get("min_cosine"), i)
+        for i, (r, res) in enumerate(zip(rows, results))
+        if res["check"].get("min_cosine") is not None and r["p50_ms"] is not None
+    ]
+    if cos:
+        right.scatter([c[0] for c in cos], [c[1] for c in cos], color="#dd8452")
+        for x, y, i in cos:
+            right.annotate(str(i + 1), (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    right.ticklabel_format(axis="y", useOffset=False)
+    right.set_xlabel("p50 ms")
+    right.set_ylabel("min cosine vs check.npz")
+    right.set_title("fidelity vs latency (numbers = row)", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
+    return path

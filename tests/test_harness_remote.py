@@ -1,0 +1,260 @@
+"""remote.py against a real OpenSSH server on 127.0.0.1 (tests/sshd.py), plus `local` and adb where attached."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edgepipe.errors import BundleError, DeviceError, UsageError
+from edgepipe.harness import remote, report
+
+try:
+    from harness_fixtures import make_onnx_bundle
+    from sshd import SshServer
+except ImportError:  # tests/ imported as a package
+    from tests.harness_fixtures import make_onnx_bundle
+    from tests.sshd import SshServer
+
+pytest.importorskip("asyncssh", reason="asyncssh is the `remote` extra")
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
+    reason = SshServer.unavailable()
+    if reason:
+        pytest.skip(f"cannot start sshd: {reason}")
+    server = SshServer(tmp_path_factory.mktemp("sshd"))
+    try:
+        server.start()
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"cannot start sshd: {e}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_onnx_bundle(tmp_path_factory.mktemp("artifacts") / "tiny-encoder" / "host-cpu")
+
+
+def ssh_options(server: SshServer, **overrides: object) -> dict:
+    """The device's Python is this venv's interpreter: the loopback 'device' is this machine."""
+    return {
+        "known_hosts": server.known_hosts,
+        "identity_file": server.identity,
+        "python": sys.executable,
+        "timeout": 10.0,
+        **overrides,
+    }
+
+
+def test_deploy_bench_compare_round_trip_over_ssh(sshd: SshServer, bundle: Path, tmp_path: Path) -> None:
+    device_dir = str(tmp_path / "device" / "tiny-encoder")
+    first = remote.deploy(bundle, sshd.url, remote_dir=device_dir, **ssh_options(sshd))
+    assert first.copied and first.files == 5 and first.runtime == "onnxruntime" and first.runtime_version
+    assert first.verify["ok"] and first.verify["files"]["checked"] == 3
+    assert sorted(p.name for p in Path(device_dir).iterdir()) == [
+        "check.npz",
+        "manifest.json",
+        "model.onnx",
+        "runner.py",
+        "tokenizer.json",
+    ]
+    assert not Path(device_dir + ".partial").exists()
+    again = remote.deploy(bundle, sshd.url, remote_dir=device_dir, **ssh_options(sshd))
+    assert not again.copied  # same manifest and runner already there
+
+    results = tmp_path / "results"
+    path = remote.bench(
+        bundle,
+        sshd.url,
+        runs=20,
+        warmup=2,
+        batch=2,
+        seq=16,
+        results_dir=results,
+        remote_dir=device_dir,
+        **ssh_options(sshd),
+    )
+    assert path.parent == results and path.name.startswith(
+        f"tiny-encoder__host-cpu__{sshd.user}@127.0.0.1-{sshd.port}__"
+    )
+    assert [p.name for p in results.iterdir()] == [path.name]  # no partial files left
+    record = json.loads(path.read_text())
+    assert record["device"]["url"] == sshd.url and record["check"]["passed"]
+    assert record["inputs"]["input_ids"]["shape"] == [2, 16]
+    assert 0 < record["latency_ms"]["p50"] <= record["latency_ms"]["p90"]
+    assert not list(Path(device_dir).parent.glob("*.bench-*.json"))  # the device copy is cleaned up
+
+    local = remote.bench(bundle, "local", runs=10, warmup=1, results_dir=results)
+    loaded = report.load_results([path, local])
+    table = report.compare_table(loaded)
+    assert table.row_count == 2 and [c.header for c in table.columns][:4] == ["model", "target", "device", "precision"]
+    rows = [report.row(r) for r in loaded]
+    assert rows[0]["device"] == sshd.url and rows[1]["device"].startswith("local")
+
+
+def test_deploy_rejects_a_host_key_that_does_not_match(sshd: SshServer, bundle: Path, tmp_path: Path) -> None:
+    device_dir = tmp_path / "device"
+    with pytest.raises(DeviceError, match="does NOT match the one recorded"):
+        remote.deploy(
+            bundle, sshd.url, remote_dir=str(device_dir), **ssh_options(sshd, known_hosts=sshd.wrong_known_hosts)
+        )
+    assert not device_dir.exists()
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    with pytest.raises(DeviceError, match="is not in .*known_hosts"):
+        remote.deploy(bundle, sshd.url, remote_dir=str(device_dir), **ssh_options(sshd, known_hosts=empty))
+    result = remote.deploy(
+        bundle,
+        sshd.url,
+        remote_dir=str(device_dir),
+        insecure_host_key=True,
+        **ssh_options(sshd, known_hosts=sshd.wrong_known_hosts),
+    )
+    assert result.copied and (device_dir / "model.onnx").is_file()
+
+
+def test_deploy_reports_auth_failure(sshd: SshServer, bundle: Path, tmp_path: Path) -> None:
+    stranger = sshd.root / "other_host_ed25519"  # a valid key that is not in authorized_keys
+    with pytest.raises(DeviceError, match="Authentication failed"):
+        remote.deploy(bundle, sshd.url, remote_dir=str(tmp_path / "d"), **ssh_options(sshd, identity_file=stranger))
+
+
+def test_bench_reports_sha256_mismatch_on_the_device(sshd: SshServer, bundle: Path, tmp_path: Path) -> None:
+    device_dir = tmp_path / "device"
+    remote.deploy(bundle, sshd.url, remote_dir=str(device_dir), **ssh_options(sshd))
+    model = device_dir / "model.onnx"
+    model.write_bytes(model.read_bytes()[:-1] + b"\0")  # the device's copy rots
+    results = tmp_path / "results"
+    with pytest.raises(DeviceError, match=r"failed its check: .*model.onnx \(sha256 mismatch\)"):
+        remote.bench(
+            bundle,
+            sshd.url,
+            runs=3,
+            results_dir=results,
+            remote_dir=str(device_dir),
+            deploy_first=False,
+            **ssh_options(sshd),
+        )
+    assert not results.exists() or not list(results.iterdir())
+    repaired = remote.deploy(bundle, sshd.url, remote_dir=str(device_dir), **ssh_options(sshd))
+    assert repaired.copied and repaired.verify["ok"]
+
+
+def test_deploy_refuses_a_corrupt_local_bundle(sshd: SshServer, tmp_path: Path) -> None:
+    local = make_onnx_bundle(tmp_path / "b")
+    (local / "check.npz").write_bytes(b"not the file the manifest hashed")
+    with pytest.raises(BundleError, match=r"check.npz \(size"):
+        remote.deploy(local, sshd.url, remote_dir=str(tmp_path / "device"), **ssh_options(sshd))
+    assert not (tmp_path / "device").exists()
+
+
+def test_deploy_says_which_packages_the_device_lacks(sshd: SshServer, bundle: Path, tmp_path: Path) -> None:
+    python = "/usr/bin/python3"
+    if not Path(python).exists() or subprocess.run([python, "-c", "import numpy"], capture_output=True).returncode == 0:
+        pytest.skip(f"needs a Python without numpy at {python} (the system python3 of Debian)")
+    with pytest.raises(DeviceError) as info:
+        remote.deploy(bundle, sshd.url, remote_dir=str(tmp_path / "d"), **ssh_options(sshd, python=python))
+    message = str(info.value)
+    assert f"numpy, onnxruntime are not installed on {sshd.user}@127.0.0.1:{sshd.port} ({python} 3." in message
+    assert "pip install numpy onnxruntime==1.32.0" in message
+    with pytest.raises(DeviceError, match="python9 is not found"):
+        remote.deploy(bundle, sshd.url, remote_dir=str(tmp_path / "d"), **ssh_options(sshd, python="python9"))
+
+
+def test_deploy_reports_no_space_on_the_device(sshd: SshServer, tmp_path: Path) -> None:
+    if shutil.which("mount") is None:
+        pytest.skip("no mount(8) to make a small filesystem")
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a 256 kB tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        big = make_onnx_bundle(tmp_path / "big", padding_bytes=1 << 20)
+        with pytest.raises(DeviceError, match=r"No space on .*needs 1\.\d+ MB .* MB are free"):
+            remote.deploy(big, sshd.url, remote_dir=str(small / "bundle"), **ssh_options(sshd))
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_unreachable_port_fails_fast(bundle: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    start = time.monotonic()
+    with pytest.raises(DeviceError, match="Cannot reach .* Connection refused"):
+        remote.deploy(bundle, f"ssh://nobody@127.0.0.1:{port}", insecure_host_key=True, timeout=3)
+    assert time.monotonic() - start < 5
+
+
+def test_silent_server_hits_the_connect_timeout(bundle: Path) -> None:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(server.accept()[0]), daemon=True).start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(DeviceError, match="did not complete an SSH handshake within 1.5 s"):
+            remote.deploy(
+                bundle, f"ssh://nobody@127.0.0.1:{server.getsockname()[1]}", insecure_host_key=True, timeout=1.5
+            )
+        assert time.monotonic() - start < 8
+    finally:
+        for s in [*held, server]:
+            s.close()
+
+
+def test_local_deploy_verifies_in_place(bundle: Path) -> None:
+    result = remote.deploy(bundle, "local")
+    assert not result.copied and result.remote_dir == str(bundle.resolve()) and result.runner == str(remote.RUNNER)
+    assert result.verify["ok"]
+
+
+@pytest.mark.parametrize(
+    ("url", "parsed"),
+    [
+        ("local", remote.DeviceURL("local")),
+        ("ssh://pi@orin.local", remote.DeviceURL("ssh", host="orin.local", user="pi")),
+        ("ssh://nvidia@10.0.0.7:2222", remote.DeviceURL("ssh", host="10.0.0.7", user="nvidia", port=2222)),
+        ("ssh://[::1]:22", remote.DeviceURL("ssh", host="::1")),
+        ("adb://R58M123ABC", remote.DeviceURL("adb", serial="R58M123ABC")),
+    ],
+)
+def test_device_url_parse(url: str, parsed: remote.DeviceURL) -> None:
+    assert remote.DeviceURL.parse(url) == parsed
+
+
+@pytest.mark.parametrize("url", ["orin.local", "ssh://", "ssh://pi@host:99999", "adb://", "http://x", "ssh://a b"])
+def test_device_url_parse_rejects(url: str) -> None:
+    with pytest.raises(UsageError, match="Accepted: local, ssh://"):
+        remote.DeviceURL.parse(url)
+
+
+def _adb_serial() -> str | None:
+    if shutil.which("adb") is None:
+        return None
+    listed = subprocess.run(["adb", "devices"], capture_output=True, text=True, timeout=30).stdout.splitlines()[1:]
+    return next((ln.split()[0] for ln in listed if ln.strip().endswith("device")), None)
+
+
+@pytest.mark.device
+def test_adb_round_trip(bundle: Path, tmp_path: Path) -> None:
+    serial = _adb_serial()
+    if serial is None:
+        pytest.skip("no adb, or no Android device attached (adb devices lists none)")
+    python = "/data/local/tmp/python3"  # a device-side Python with numpy + onnxruntime, pushed beforehand
+    path = remote.bench(bundle, f"adb://{serial}", runs=10, warmup=2, results_dir=tmp_path, python=python)
+    assert json.loads(path.read_text())["check"]["passed"]
