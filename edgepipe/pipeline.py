@@ -25,7 +25,7 @@ from edgepipe.data import batches, encode, load_tokenizer, read_sentences
 from edgepipe.errors import BuildError, ModelError, UsageError
 from edgepipe.manifest import read_manifest, sha256_file, write_manifest
 from edgepipe.progress import Progress
-from edgepipe.runtimes import get_runtime
+from edgepipe.runtimes import QuantInputs, get_runtime
 from edgepipe.stages.validate import compare, embed_session, embed_torch
 
 CHECK_SENTENCES = 8
@@ -179,7 +179,7 @@ class _Build:
 
         precision = self.cfg.precision
         while True:
-            lowered = self.lower_stage(model_hash, model_loader, precision, tok)
+            lowered = self.lower_stage(model_hash, model_loader, model_ref, precision, tok)
             validated = self.validate_stage(lowered, model_ref, teacher_emb, tok, held_out, precision)
             vs_pytorch = validated.meta["vs_pytorch"]
             drop = 1.0 - vs_pytorch["mean_cosine"] if vs_pytorch else 0.0
@@ -207,7 +207,12 @@ class _Build:
 
         recipe = self.recipe
         data_sha = sha256_file(read_path(recipe.distill.data))
-        payload = {"teacher": teacher_hash, "student": recipe.student.__dict__, "distill": recipe.distill.__dict__, "data": data_sha}
+        payload = {
+            "teacher": teacher_hash,
+            "student": recipe.student.__dict__,
+            "distill": recipe.distill.__dict__,
+            "data": data_sha,
+        }
         d = recipe.distill
         targets_key = digest([teacher_hash, data_sha, d.max_len, d.steps * d.batch_size, d.seed, recipe.student.layers])
 
@@ -227,22 +232,32 @@ class _Build:
         config = {"student": recipe.student.__dict__, **d.__dict__}
         return self.stage("distill", payload, run, "distill student", config=config, resumable=True)
 
-    def lower_stage(self, model_hash: str, model_loader, precision: str, tok) -> StageResult:
-        target = self.target
+    def lower_stage(self, model_hash: str, model_loader, model_ref: np.ndarray, precision: str, tok) -> StageResult:
+        target, q = self.target, self.recipe.quantize
         runtime = get_runtime(target.runtime)
-        example = encode(tok, read_sentences(self.recipe.validate.data, 2))
+        calib_sentences = read_sentences(q.calibration, q.samples)
+        example = encode(tok, calib_sentences[:2])
         payload = {
             "model": model_hash,
             "runtime": target.runtime,
             "options": target.runtime_options,
             "precision": precision,
+            "quantize": q.__dict__,
+            "calibration": sha256_file(read_path(q.calibration)),
         }
 
         def run(out: Path) -> dict:
-            lowered = runtime.lower_encoder(model_loader(), example, target, precision, out)
-            files = {role: p.name for role, p in lowered.files.items()}
+            quant = QuantInputs(
+                calibration=list(
+                    batches(load_tokenizer(self.tokenizer_path, q.max_len), calib_sentences, VALIDATE_BATCH)
+                ),
+                held_out=self.validation_batches(tok),
+                reference=model_ref,
+                config=q,
+            )
+            lowered = runtime.lower_encoder(model_loader(), example, target, precision, out, quant)
             return {
-                "files": files,
+                "files": {role: p.name for role, p in lowered.files.items()},
                 "report": lowered.report,
                 "bytes": sum(p.stat().st_size for p in lowered.files.values()),
             }
@@ -257,7 +272,12 @@ class _Build:
 
         def run(out: Path) -> dict:
             if not runnable:  # judged in PyTorch only; the device run (`edgepipe bench`) checks the artifact
-                return {"runtime": "not run here", "why": why, "vs_pytorch": None, "vs_teacher": compare(model_ref, teacher_emb)}
+                return {
+                    "runtime": "not run here",
+                    "why": why,
+                    "vs_pytorch": None,
+                    "vs_teacher": compare(model_ref, teacher_emb),
+                }
             outputs = embed_session(runtime.load(artifact, self.target), self.validation_batches(tok))
             return {
                 "runtime": self.target.runtime,

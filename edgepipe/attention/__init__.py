@@ -37,9 +37,7 @@ class AttentionSpec:
         """
         kind, _, arg = text.strip().partition(":")
         if kind not in FORMS:
-            raise UsageError(
-                f"Unknown attention '{text}'. Accepted: full, windowed:W (e.g. windowed:256), linear."
-            )
+            raise UsageError(f"Unknown attention '{text}'. Accepted: full, windowed:W (e.g. windowed:256), linear.")
         if kind == "windowed":
             if not arg.isdigit() or int(arg) < 1:
                 raise UsageError(f"Attention '{text}' needs a positive window, e.g. windowed:256.")

@@ -3,9 +3,11 @@
 Each runtime module provides:
 
 - ``precisions() -> tuple[str, ...]``: the precision plans it can lower.
-- ``lower(model, example_inputs, target, precision, out_dir, calib=None) -> Lowered``: write the artifact.
+- ``lower_encoder(model, example, target, precision, out_dir, quant=None) -> Lowered``: write the artifact.
 - ``load(artifact, target) -> Session``: a session whose ``run(feeds) -> dict`` maps numpy inputs to outputs.
-- ``can_run_here(target) -> tuple[bool, str]``: whether this machine can execute the artifact, and why not.
+- ``can_run_here(target) -> tuple[bool, str]``: whether this machine can execute the artifact (or a faithful
+  numeric proxy of it), and how.
+- ``same_machine(target) -> bool``: whether latency measured here says anything about the target.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Protocol
 
 import numpy as np
 
+from edgepipe.config import QuantizeConfig
 from edgepipe.errors import MissingExtraError, UsageError
 
 RUNTIMES = {
@@ -32,6 +35,16 @@ class Session(Protocol):
     input_names: list[str]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+@dataclass
+class QuantInputs:
+    """What a runtime needs to quantize with a fidelity budget: real calibration text and a held-back check."""
+
+    calibration: list[dict[str, np.ndarray]]  # tokenized batches of the calibration split
+    held_out: list[dict[str, np.ndarray]]  # tokenized held-back batches, for per-layer sensitivity
+    reference: np.ndarray  # the unquantized model's held-back embeddings, (n, dim)
+    config: QuantizeConfig
 
 
 @dataclass

