@@ -15,8 +15,9 @@ from rich.table import Table
 
 from edgepipe.errors import EdgepipeError
 
-console = Console()
-err_console = Console(stderr=True)
+# Tables stay readable when piped or logged (rich falls back to 80 columns without a terminal).
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 class _Group(click.Group):
@@ -251,6 +252,101 @@ def check(bundle: Path) -> None:
             hint="Rebuild it with --force.",
         )
     console.print(f"[green]check passed[/] ({report.manifest['runtime']}, {report.manifest['precision']})")
+
+
+_DEVICE_HELP = "local, ssh://user@host[:port] or adb://serial."
+
+
+def _device_options(fn):
+    for option in reversed(
+        [
+            click.option("--device", "url", required=True, help=_DEVICE_HELP),
+            click.option("--insecure-host-key", is_flag=True, help="Skip the SSH host key check (lab devices only)."),
+            click.option(
+                "--known-hosts", type=click.Path(path_type=Path), help="known_hosts file (default ~/.ssh/known_hosts)."
+            ),
+            click.option(
+                "--identity", "identity_file", type=click.Path(path_type=Path), help="SSH private key (default: agent)."
+            ),
+            click.option(
+                "--remote-dir", help="Where the bundle goes on the device (default ~/edgepipe/<model>/<target>)."
+            ),
+            click.option("--python", help="The device's Python interpreter (default python3)."),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@_device_options
+def deploy(bundle: Path, url: str, **options) -> None:
+    """Copy BUNDLE and the on-device runner to a device, verify sha256 there and check its runtime.
+
+    \b
+    Examples:
+      edgepipe deploy artifacts/minilm-student/jetson-orin-nano --device ssh://nvidia@orin.local
+      edgepipe deploy artifacts/minilm-student/android-arm64 --device adb://R58M123ABC
+    """
+    from edgepipe.harness.remote import deploy as _deploy
+
+    result = _deploy(bundle, url, **options)
+    what = f"copied {result.files} files, {result.bytes / 1e6:.1f} MB" if result.copied else "already there, unchanged"
+    console.print(f"[green]deployed[/] {bundle} -> {url}:{result.remote_dir} ({what}, {result.seconds:.1f} s)")
+    runtime = f"{result.runtime} {result.runtime_version or ''}".strip()
+    console.print(f"runtime on the device: {runtime} ({result.python} {result.python_version})")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@_device_options
+@click.option("--runs", default=50, show_default=True, help="Timed runs.")
+@click.option("--warmup", default=10, show_default=True, help="Untimed warm-up runs.")
+@click.option("--batch", type=int, help="Batch size (default: check.npz's).")
+@click.option("--seq", type=int, help="Sequence length (default: check.npz's).")
+@click.option("--threads", type=int, help="Runtime threads on the device.")
+@click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(path_type=Path))
+def bench(bundle: Path, url: str, **options) -> None:
+    """Measure BUNDLE's latency on a device (deploying it first) and fetch the result JSON into results/.
+
+    \b
+    Examples:
+      edgepipe bench artifacts/minilm-student/host-cpu --device local --seq 128
+      edgepipe bench artifacts/minilm-student/jetson-orin-nano --device ssh://nvidia@orin.local --runs 200
+    """
+    import json
+
+    from edgepipe.harness.remote import bench as _bench
+    from edgepipe.harness.report import compare_table, load_results
+
+    path = _bench(bundle, url, **options)
+    console.print(compare_table(load_results([path])))
+    check = json.loads(path.read_text()).get("check", {})
+    if check.get("passed") is False:
+        err_console.print("[bold red]warning:[/] the outputs on the device differ beyond the bundle's tolerances.")
+    console.print(f"Wrote {path}")
+
+
+@cli.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a latency/fidelity plot (PNG).")
+@click.option("--html", "html_path", type=click.Path(path_type=Path), help="Write the table as HTML.")
+@click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Write the table as CSV.")
+def compare(results: tuple[Path, ...], plot_path: Path | None, html_path: Path | None, csv_path: Path | None) -> None:
+    """Compare bench results across targets, devices and precisions in one table.
+
+    \b
+    Example:
+      edgepipe compare results/*.json --plot compare.png --csv compare.csv
+    """
+    from edgepipe.harness import report
+
+    loaded = report.load_results(list(results))
+    console.print(report.compare_table(loaded))
+    for path, writer in ((csv_path, report.write_csv), (html_path, report.write_html), (plot_path, report.plot)):
+        if path is not None:
+            console.print(f"Wrote {writer(loaded, path)}")
 
 
 def main() -> None:
