@@ -235,21 +235,15 @@ def check(bundle: Path) -> None:
     from edgepipe.errors import BuildError
 
     report = check_bundle(bundle)
-    tol = report.manifest["validation"]
+    res = report.result
     table = Table("output", "mean cosine", "min cosine", "max abs", "tolerance")
-    for name, m in report.metrics.items():
-        table.add_row(
-            name,
-            f"{m['mean_cosine']:.6f}",
-            f"{m['min_cosine']:.6f}",
-            f"{m['max_abs']:.2e}",
-            f"cos ≥ {tol['min_cosine']}, abs ≤ {tol['atol']}",
-        )
+    tolerance = f"cos ≥ {res['min_cosine_required']}, abs ≤ {res['atol']}"
+    for name, m in res["outputs"].items():
+        table.add_row(name, f"{m['mean_cosine']:.6f}", f"{m['min_cosine']:.6f}", f"{m['max_abs_error']:.2e}", tolerance)
     console.print(table)
     if not report.passed:
         raise BuildError(
-            f"Bundle {bundle} fails its check: outputs differ beyond the tolerances above.",
-            hint="Rebuild it with --force.",
+            f"Bundle {bundle} fails its check: {'; '.join(res['problems'])}.", hint="Rebuild it with --force."
         )
     console.print(f"[green]check passed[/] ({report.manifest['runtime']}, {report.manifest['precision']})")
 

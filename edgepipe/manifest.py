@@ -1,18 +1,20 @@
 """The bundle manifest: what was built, from what, how, and the sha256 of every file.
 
+Verifying a bundle against it lives in ``edgepipe.bundle`` (with the on-device runner's rules).
+
 ``manifest.json`` sits in each bundle directory. Every other file in the bundle is listed under ``files`` with its
 sha256 and size, so a device (or ``edgepipe inspect``) can verify a copy without edgepipe's help.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 from importlib import metadata
 from pathlib import Path
 
 from edgepipe.errors import BundleError
+from edgepipe.harness.runner import sha256_file
 
 SCHEMA = "edgepipe.manifest/1"
 MANIFEST = "manifest.json"
@@ -27,14 +29,6 @@ TRACKED_PACKAGES = (
     "tensorrt",
     "tokenizers",
 )
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def package_versions() -> dict[str, str]:
@@ -89,17 +83,3 @@ def read_manifest(bundle: Path) -> dict:
         got = manifest.get("schema") if isinstance(manifest, dict) else type(manifest).__name__
         raise BundleError(f"{path} has schema {got!r}; this edgepipe reads {SCHEMA}.", hint="Rebuild the bundle.")
     return manifest
-
-
-def verify_files(bundle: Path, manifest: dict) -> list[str]:
-    """Check every file the manifest lists; return one problem per missing or changed file (empty when all match)."""
-    problems = []
-    for rel, rec in manifest.get("files", {}).items():
-        path = Path(bundle) / rel
-        if not path.is_file():
-            problems.append(f"{rel}: missing")
-        elif path.stat().st_size != rec["bytes"]:
-            problems.append(f"{rel}: {path.stat().st_size} bytes, manifest says {rec['bytes']}")
-        elif sha256_file(path) != rec["sha256"]:
-            problems.append(f"{rel}: sha256 differs from the manifest")
-    return problems

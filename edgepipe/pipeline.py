@@ -7,7 +7,7 @@ temp directory that is renamed into place only when everything succeeded.
 
 from __future__ import annotations
 
-import json
+import os
 import platform
 import shutil
 import tempfile
@@ -20,12 +20,13 @@ import numpy as np
 
 from edgepipe import __version__
 from edgepipe.cache import StageCache, StageResult, digest
-from edgepipe.config import ModelRecipe, RunConfig
+from edgepipe.config import ModelRecipe, RunConfig, resolve_data_file
 from edgepipe.data import batches, encode, load_tokenizer, read_sentences
 from edgepipe.errors import BuildError, ModelError, UsageError
 from edgepipe.manifest import read_manifest, sha256_file, write_manifest
 from edgepipe.progress import Progress
 from edgepipe.runtimes import QuantInputs, get_runtime
+from edgepipe.stages.distill import distill, load_student
 from edgepipe.stages.validate import compare, embed_session, embed_torch
 
 CHECK_SENTENCES = 8
@@ -157,7 +158,7 @@ class _Build:
         tok = load_tokenizer(self.tokenizer_path, v.max_len)
         held_out = {
             "data": v.data,
-            "sha256": sha256_file(read_path(v.data)),
+            "sha256": sha256_file(resolve_data_file(v.data)),
             "samples": v.samples,
             "max_len": v.max_len,
         }
@@ -203,10 +204,8 @@ class _Build:
         return self.write_bundle(lowered, validated, latency, model_loader, precision, tok, teacher_hash)
 
     def student_stage(self, teacher_hash: str, teacher_emb: np.ndarray, tok) -> StageResult:
-        from edgepipe.stages.distill import distill
-
         recipe = self.recipe
-        data_sha = sha256_file(read_path(recipe.distill.data))
+        data_sha = sha256_file(resolve_data_file(recipe.distill.data))
         payload = {
             "teacher": teacher_hash,
             "student": recipe.student.__dict__,
@@ -243,7 +242,7 @@ class _Build:
             "options": target.runtime_options,
             "precision": precision,
             "quantize": q.__dict__,
-            "calibration": sha256_file(read_path(q.calibration)),
+            "calibration": sha256_file(resolve_data_file(q.calibration)),
         }
 
         def run(out: Path) -> dict:
@@ -302,7 +301,7 @@ class _Build:
         seq = 128
         payload = {
             "artifact": lowered.key,
-            "machine": [platform.machine(), platform.processor(), _cpu_count()],
+            "machine": [platform.machine(), platform.processor(), os.cpu_count()],
             "shape": [1, seq],
         }
 
@@ -396,24 +395,6 @@ class _Build:
         }
 
 
-def read_path(name: str) -> Path:
-    from edgepipe.config import resolve_data_file
-
-    return resolve_data_file(name)
-
-
-def load_student(path: Path):
-    from edgepipe.stages.distill import load_student as _load
-
-    return _load(path)
-
-
-def _cpu_count() -> int:
-    import os
-
-    return os.cpu_count() or 1
-
-
 def build(
     cfg: RunConfig, *, force: bool = False, cache_root: Path | None = None, progress: Progress | None = None
 ) -> Bundle:
@@ -425,18 +406,3 @@ def build(
     _writable_out(cfg.out_dir)
     progress = progress or Progress(quiet=True)
     return _Build(cfg, StageCache(cache_root, force=force), progress).run()
-
-
-def summary(bundle: Bundle) -> dict:
-    """The numbers a build prints at the end."""
-    m = bundle.manifest
-    return {
-        "stages": [(r["stage"], r["seconds"], r["cache_hit"]) for r in m["stages"]],
-        "bytes": sum(f["bytes"] for f in m["files"].values()),
-        "latency": m.get("latency", {}),
-        "fidelity": m.get("fidelity", {}),
-    }
-
-
-def dump(obj: object) -> str:
-    return json.dumps(obj, indent=2, default=str)

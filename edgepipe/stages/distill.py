@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -54,10 +55,11 @@ def make_student(teacher: Encoder, cfg: StudentConfig) -> tuple[Encoder, list[in
         raise BuildError("student.layers is empty.", hint="List teacher layer indices, e.g. layers = [1, 3, 5].")
     bad = [i for i in cfg.layers if i >= tcfg.layers]
     if bad:
-        raise BuildError(f"student.layers {list(cfg.layers)} names layers the teacher lacks (it has 0..{tcfg.layers - 1}).")
+        have = f"0..{tcfg.layers - 1}"
+        raise BuildError(f"student.layers {list(cfg.layers)} names layers the teacher lacks (it has {have}).")
     if cfg.hidden not in (None, tcfg.hidden):
         raise BuildError(
-            f"student.hidden = {cfg.hidden}: a narrower hidden size than the teacher's ({tcfg.hidden}) is not supported.",
+            f"student.hidden = {cfg.hidden}: a hidden size other than the teacher's ({tcfg.hidden}) is not supported.",
             hint="Keep the teacher's width and narrow the FFN (student.ffn) or drop layers instead.",
         )
     ffn = cfg.ffn or tcfg.ffn
@@ -182,8 +184,6 @@ def distill(
     start = _resume(out_dir, student, opt)
     order = list(range(len(sentences)))
     history: list[float] = []
-    import time
-
     t0 = time.perf_counter()
     with progress.steps("distill", cfg.steps) as bar:
         bar.set(start)
