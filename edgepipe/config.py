@@ -173,6 +173,7 @@ class DistillConfig:
     warmup_steps: int = 50
     max_len: int = 128
     hidden_weight: float = 1.0  # weight of the per-layer hidden-state loss beside the embedding loss
+    train_embeddings: bool = False  # frozen teacher embeddings keep unseen words where the teacher put them
     seed: int = 0
     data: str = "train.txt"
 

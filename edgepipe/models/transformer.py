@@ -77,7 +77,15 @@ class EncoderLayer(nn.Module):
         if cfg.attention == "mamba2":
             from edgepipe.models.mamba import BidirectionalMamba2
 
-            self.mixer: nn.Module = BidirectionalMamba2(cfg.hidden)
+            # Shaped like the attention it replaces (x/B/C per head = V/K/Q per head), so it can start from its weights.
+            self.mixer: nn.Module = BidirectionalMamba2(
+                cfg.hidden,
+                expand=1,
+                head_dim=cfg.head_dim,
+                n_groups=cfg.heads,
+                state_size=cfg.head_dim,
+                max_context=cfg.max_positions,
+            )
         else:
             self.mixer = SelfAttention(cfg)
         self.mixer_norm = nn.LayerNorm(cfg.hidden, eps=cfg.eps)

@@ -37,6 +37,7 @@ STUDENT_WEIGHTS = "model.safetensors"
 STUDENT_CONFIG = "config.json"
 TEACHER_BATCH = 64
 CHECKPOINT_EVERY = 50
+ETA_AFTER = 3  # steps timed before the build says how long distillation will take
 
 
 def make_student(teacher: Encoder, cfg: StudentConfig) -> tuple[Encoder, list[int]]:
@@ -84,10 +85,38 @@ def make_student(teacher: Encoder, cfg: StudentConfig) -> tuple[Encoder, list[in
                 value = value[:, keep]
             sd[name] = value.clone()
         if cfg.attention == "mamba2":
-            student.layers[si].mixer.init_from_attention(teacher.layers[ti].mixer)
+            mamba_from_attention(student.layers[si].mixer, teacher.layers[ti].mixer)
             sd.update({k: v for k, v in student.state_dict().items() if k.startswith(dst + "mixer.")})
     student.load_state_dict(sd)
     return student.train(), list(cfg.layers)
+
+
+@torch.no_grad()
+def mamba_from_attention(mamba, attention) -> None:
+    """Initialise a bidirectional Mamba-2 mixer from a self-attention layer's weights.
+
+    Follows the attention-to-SSM correspondence used by Mamba-in-the-Llama (Wang et al., 2024) and MOHAWK (Bick et
+    al., 2024): the SSM's input x takes W_V, B (the "keys" written into the state) takes W_K, C (the "queries" that
+    read it) takes W_Q, and out_proj takes W_O. The mixer is built with one B/C group per attention head and
+    state size = head dim, so every matrix maps one to one. The causal convs start as identities (last tap 1),
+    the skip D at 0, and each direction's out_proj at half of W_O, so the two scans sum to one attention's scale.
+    The gate z keeps its random init: Mamba-2's gated norm has no identity setting, and training adapts it.
+    """
+    hidden = attention.query.weight.shape[0]
+    for scan in (mamba.forward_scan, mamba.backward_scan):
+        c = scan.cfg
+        z, xbc = c.intermediate, c.conv_dim
+        assert c.intermediate == hidden and c.n_groups * c.state_size == hidden, "mixer not shaped like the attention"
+        w = scan.in_proj.weight  # rows: [z | x | B | C | dt]
+        w[z : z + hidden] = attention.value.weight
+        w[z + hidden : z + 2 * hidden] = attention.key.weight
+        w[z + 2 * hidden : z + xbc] = attention.query.weight
+        scan.conv1d.weight.zero_()
+        scan.conv1d.weight[:, 0, -1] = 1.0
+        if scan.conv1d.bias is not None:
+            scan.conv1d.bias.zero_()
+        scan.D.zero_()
+        scan.out_proj.weight.copy_(attention.out.weight * 0.5)
 
 
 def _ffn_keep(layer, ffn: int) -> Tensor:
@@ -174,13 +203,20 @@ def distill(
     sentences = sentences[: cfg.steps * cfg.batch_size]
     student, layer_map = make_student(teacher, student_cfg)
 
+    if world > 1 and rank != 0:
+        torch.distributed.barrier()  # rank 0 computes (or loads) the teacher targets and writes the cache first
     targets = _cached_targets(teacher, tok, sentences, layer_map, progress, targets_cache)
+    if world > 1 and rank == 0:
+        torch.distributed.barrier()
     before = _held_out_fidelity(student, held_out, held_out_teacher)
 
+    if not cfg.train_embeddings:
+        for emb in (student.word_embeddings, student.position_embeddings, student.token_type_embeddings):
+            emb.weight.requires_grad_(False)
     model = student
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(student)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.01)
     start = _resume(out_dir, student, opt)
     order = list(range(len(sentences)))
     history: list[float] = []
@@ -203,6 +239,12 @@ def distill(
             opt.step()
             history.append(loss.item())
             bar.advance(info=f"loss {np.mean(history[-20:]):.4f}")
+            if step == start + ETA_AFTER and rank == 0:
+                per_step = (time.perf_counter() - t0) / (ETA_AFTER + 1)
+                minutes = per_step * (cfg.steps - start) / 60
+                progress.note(
+                    f"distill: {cfg.steps - start} steps at {per_step:.2f} s/step here, about {minutes:.1f} min"
+                )
             if rank == 0 and (step + 1) % CHECKPOINT_EVERY == 0 and step + 1 < cfg.steps:
                 _checkpoint(out_dir, student, opt, step + 1)
     seconds_per_step = (time.perf_counter() - t0) / max(1, cfg.steps - start)
@@ -299,3 +341,46 @@ def load_student(path: Path) -> Encoder:
     except (OSError, ValueError, TypeError, RuntimeError) as exc:
         raise ModelError(f"Cannot load the student in {path}: {exc}.", hint="Rebuild with --force.") from None
     return model.eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Distill a recipe's student outside the pipeline, e.g. data-parallel on N processes:
+
+    ``torchrun --nproc_per_node=2 -m edgepipe.stages.distill --model minilm-student --out /tmp/student``
+    """
+    import argparse
+
+    from edgepipe.config import load_recipe
+    from edgepipe.models.hf import load_encoder
+    from edgepipe.pipeline import resolve_teacher
+    from edgepipe.progress import Progress
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--model", required=True, help="Recipe name or TOML path with a [student] table.")
+    ap.add_argument("--out", type=Path, required=True, help="Where the student (safetensors + config.json) goes.")
+    ap.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="Recipe override, e.g. distill.steps=20"
+    )
+    args = ap.parse_args(argv)
+    recipe = load_recipe(args.model, tuple(args.overrides))
+    if recipe.student is None:
+        raise SystemExit(f"Recipe {recipe.name} has no [student] table: nothing to distill.")
+    teacher_dir = resolve_teacher(recipe)
+    rank, _ = _dist()
+    metrics = distill(
+        load_encoder(teacher_dir),
+        recipe.student,
+        recipe.distill,
+        args.out,
+        Progress(quiet=rank != 0),
+        tokenizer_path=teacher_dir / "tokenizer.json",
+        targets_cache=args.out / "teacher-targets.npz",
+    )
+    if rank == 0:
+        (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

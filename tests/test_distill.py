@@ -1,0 +1,116 @@
+"""Distillation: students cut from the teacher, trained on real text, resumable, and data-parallel under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from edgepipe.config import DistillConfig, StudentConfig
+from edgepipe.data import batches, load_tokenizer, read_sentences
+from edgepipe.errors import BuildError
+from edgepipe.models.hf import load_encoder
+from edgepipe.progress import Progress
+from edgepipe.stages.distill import distill, load_student, make_student
+from edgepipe.stages.validate import compare, embed_torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tiny_checkpoint):
+    return load_encoder(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def held_out(teacher_dir):
+    tok = load_tokenizer(teacher_dir / "tokenizer.json", 64)
+    return list(batches(tok, read_sentences("validation.txt", 64), 32))
+
+
+def test_make_student_with_all_layers_reproduces_the_teacher(tiny_teacher, held_out):
+    student, _ = make_student(tiny_teacher, StudentConfig(layers=(0, 1, 2, 3)))
+    np.testing.assert_allclose(embed_torch(student, held_out), embed_torch(tiny_teacher, held_out), atol=1e-6)
+
+
+def test_make_student_prunes_ffn_and_keeps_chosen_layers(tiny_teacher):
+    student, layer_map = make_student(tiny_teacher, StudentConfig(layers=(1, 3), ffn=64))
+    assert layer_map == [1, 3] and len(student.layers) == 2
+    assert student.layers[0].ffn_in.weight.shape == (64, 64)
+    torch.testing.assert_close(student.layers[1].mixer.query.weight, tiny_teacher.layers[3].mixer.query.weight)
+
+
+@pytest.mark.parametrize("attention", ["windowed:8", "linear", "mamba2"])
+def test_make_student_swaps_the_mixer(tiny_teacher, held_out, attention):
+    student, _ = make_student(tiny_teacher, StudentConfig(layers=(0, 2), attention=attention))
+    emb = embed_torch(student, held_out)
+    assert emb.shape == (64, 64) and np.isfinite(emb).all()
+
+
+def test_make_student_rejects_layers_the_teacher_lacks(tiny_teacher):
+    with pytest.raises(BuildError, match="names layers the teacher lacks"):
+        make_student(tiny_teacher, StudentConfig(layers=(0, 9)))
+
+
+def test_distill_improves_held_out_fidelity_and_is_deterministic(tmp_path, tiny_teacher, held_out, teacher_dir):
+    teacher_emb = embed_torch(tiny_teacher, held_out)
+    cfg = DistillConfig(steps=30, batch_size=16, lr=1e-3, warmup_steps=3, max_len=48)
+    kwargs = dict(held_out=held_out, held_out_teacher=teacher_emb, tokenizer_path=teacher_dir / "tokenizer.json")
+    a = distill(tiny_teacher, StudentConfig(layers=(0, 3)), cfg, tmp_path / "a", Progress(quiet=True), **kwargs)
+    assert a["held_out"]["mean_cosine"] > a["held_out_before"]["mean_cosine"] + 0.01
+    student = load_student(tmp_path / "a")
+    assert compare(embed_torch(student, held_out), teacher_emb)["mean_cosine"] == pytest.approx(
+        a["held_out"]["mean_cosine"], abs=1e-5
+    )
+    b = distill(tiny_teacher, StudentConfig(layers=(0, 3)), cfg, tmp_path / "b", Progress(quiet=True), **kwargs)
+    assert b["final_loss"] == a["final_loss"]
+
+
+def test_distill_resumes_from_its_last_checkpoint(tmp_path, tiny_teacher, teacher_dir, monkeypatch):
+    import edgepipe.stages.distill as d
+
+    monkeypatch.setattr(d, "CHECKPOINT_EVERY", 5)
+    cfg = DistillConfig(steps=12, batch_size=8, warmup_steps=2, max_len=32)
+    student_cfg = StudentConfig(layers=(0, 2))
+    tok_path = teacher_dir / "tokenizer.json"
+    calls = {"n": 0}
+    real_step = torch.optim.AdamW.step
+
+    def crash_after_seven(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 7:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", crash_after_seven)
+    with pytest.raises(KeyboardInterrupt):
+        distill(tiny_teacher, student_cfg, cfg, tmp_path, Progress(quiet=True), tokenizer_path=tok_path)
+    assert (tmp_path / "checkpoint.safetensors").is_file()
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    resumed = distill(tiny_teacher, student_cfg, cfg, tmp_path, Progress(quiet=True), tokenizer_path=tok_path)
+    assert resumed["resumed_from"] == 5
+    fresh = distill(tiny_teacher, student_cfg, cfg, tmp_path / "fresh", Progress(quiet=True), tokenizer_path=tok_path)
+    a, b = load_student(tmp_path).state_dict(), load_student(tmp_path / "fresh").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_distill_runs_data_parallel_under_torchrun(tmp_path, tiny_checkpoint):
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(
+        f'teacher = "{tiny_checkpoint}"\n[student]\nlayers = [0, 2]\n'
+        "[distill]\nsteps = 4\nbatch_size = 8\nwarmup_steps = 1\nmax_len = 32\n"
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0"]
+    cmd += ["-m", "edgepipe.stages.distill", "--model", str(recipe), "--out", str(tmp_path / "out")]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 4 and np.isfinite(metrics["final_loss"])
+    assert load_student(tmp_path / "out").cfg.layers == 2
