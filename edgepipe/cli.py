@@ -209,7 +209,7 @@ def inspect(bundle: Path) -> None:
         "stage", "mean cosine", "min cosine", title="fidelity vs the teacher (held-back text)", title_justify="left"
     )
     for stage, rec in m.get("fidelity", {}).items():
-        if rec:
+        if isinstance(rec, dict) and "mean_cosine" in rec:
             fid.add_row(stage, f"{rec['mean_cosine']:.4f}", f"{rec['min_cosine']:.4f}")
     console.print(fid)
     stages = Table("stage", "seconds", "cache", "metrics", title="stages", title_justify="left")

@@ -200,6 +200,12 @@ class _Build:
             )
             precision = fallback
 
+        vs_teacher = validated.meta["vs_teacher"]["mean_cosine"]
+        if vs_teacher < v.min_cosine:
+            self.progress.note(
+                f"held-back mean cosine vs the teacher is {vs_teacher:.4f}, below the recipe's bar {v.min_cosine} "
+                "(validate.min_cosine): more distill.steps or a wider student would close it"
+            )
         latency = self.latency_stage(lowered, tok)
         return self.write_bundle(lowered, validated, latency, model_loader, precision, tok, teacher_hash)
 
@@ -365,6 +371,8 @@ class _Build:
                 fidelity["student"] = rec["metrics"].get("held_out")
         fidelity["lowered"] = validated.meta["vs_teacher"]
         fidelity["lowered_vs_pytorch"] = validated.meta["vs_pytorch"]
+        fidelity["bar"] = {"min_mean_cosine": self.recipe.validate.min_cosine}
+        fidelity["meets_bar"] = fidelity["lowered"]["mean_cosine"] >= self.recipe.validate.min_cosine
         return {
             "edgepipe_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
