@@ -13,6 +13,7 @@ import platform
 import warnings
 from collections import Counter
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +28,16 @@ from edgepipe.runtimes import Lowered, QuantInputs, cpu_has_vnni
 
 OPSET = 17
 FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "BiasGelu", "FastGelu", "Gelu")
+STATIC_PRECISIONS = ("w8a8", "int8-fp16")
+# Per-layer sensitivity runs on the first few held-back batches (64 sentences): enough to rank layers, cheap
+# enough to run once per weight GEMM. The budget itself is always checked on the whole held-back set.
+SENSITIVITY_BATCHES = 2
+
+log = logging.getLogger(__name__)
 
 
 def precisions() -> tuple[str, ...]:
-    return ("fp32", "fp16", "int8-dynamic")
+    return ("fp32", "fp16", "int8-dynamic", *STATIC_PRECISIONS)
 
 
 def can_run_here(target: Target | None) -> tuple[bool, str]:
@@ -88,13 +95,27 @@ def export_onnx(
         raise BuildError(f"ONNX export failed: {first}", hint="Run with --debug for the exporter's trace.") from exc
 
 
-def fuse_for_ort(path: Path, num_heads: int, hidden: int) -> dict[str, int]:
-    """Rewrite the graph at ``path`` with ORT's BERT fusions in place; return the fused op counts."""
+def fuse_for_ort(path: Path, num_heads: int, hidden: int, attention: bool = True) -> dict[str, int]:
+    """Rewrite the graph at ``path`` with ORT's BERT fusions in place; return the fused op counts.
+
+    ``attention=False`` keeps the Q/K/V projections as plain MatMuls (ORT's fused ``Attention`` op packs them into
+    one float weight that its static QDQ quantizer cannot reach), for static int8 plans.
+    """
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    options = FusionOptions("bert")
+    options.enable_attention = attention
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = optimize_model(str(path), model_type="bert", num_heads=num_heads, hidden_size=hidden, opt_level=0)
+        opt = optimize_model(
+            str(path),
+            model_type="bert",
+            num_heads=num_heads,
+            hidden_size=hidden,
+            opt_level=0,
+            optimization_options=options,
+        )
     opt.save_model_to_file(str(path))
     counts = Counter(node.op_type for node in opt.model.graph.node)
     return {op: counts[op] for op in FUSED_OPS if counts[op]}
@@ -117,6 +138,9 @@ def lower_encoder(
         precision: One of ``precisions()``.
         out_dir: Where to write.
         quant: Calibration and held-back data for static plans (unused by fp32, fp16 and int8-dynamic).
+
+    Raises:
+        BuildError: Unknown precision, a static plan without ``quant``, or an export failure.
     """
     if precision not in precisions():
         raise BuildError(
@@ -133,17 +157,27 @@ def lower_encoder(
     }
     export_onnx(model, inputs, fp32_path, ["input_ids", "attention_mask"], ["sentence_embedding"], axes)
     report: dict = {"exporter": f"torch.onnx (TorchScript) opset {OPSET}"}
+    static = precision in STATIC_PRECISIONS
     if target.runtime_options.get("fuse", True):
-        report["fused_ops"] = fuse_for_ort(fp32_path, model.cfg.heads, model.cfg.hidden)
+        report["fused_ops"] = fuse_for_ort(fp32_path, model.cfg.heads, model.cfg.hidden, attention=not static)
+        if static:
+            report["fusion_note"] = "Attention not fused: static int8 needs the Q/K/V projections as plain MatMuls"
     path = out_dir / "model.onnx"
-    report.update(apply_precision(fp32_path, path, precision))
+    flavor = ort_qdq_flavor(target) if static else None
+    report.update(apply_precision(fp32_path, path, precision, quant=quant, flavor=flavor))
     fp32_path.unlink()
     report["ops"] = dict(Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node))
     return Lowered(files={"model": path}, report=report)
 
 
-def apply_precision(src: Path, dst: Path, precision: str) -> dict:
-    """Write ``src`` at ``precision`` to ``dst`` with ORT's own tooling; return what was done."""
+def apply_precision(
+    src: Path, dst: Path, precision: str, quant: QuantInputs | None = None, flavor: QdqFlavor | None = None
+) -> dict:
+    """Write ``src`` at ``precision`` to ``dst`` with ORT's own tooling; return what was done.
+
+    Static plans (``w8a8``, ``int8-fp16``) need ``quant`` (calibration + held-back data) and use ``flavor``
+    (default: ONNX Runtime's CPU flavour for this machine).
+    """
     if precision == "fp32":
         dst.write_bytes(src.read_bytes())
         return {"precision": "fp32"}
@@ -169,6 +203,13 @@ def apply_precision(src: Path, dst: Path, precision: str) -> dict:
                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
             )
         return {"precision": "int8-dynamic", "per_channel": True, "reduce_range": reduce_range}
+    if precision in STATIC_PRECISIONS:
+        if quant is None:
+            raise BuildError(
+                f"Precision {precision} needs calibration and held-back data; none was given.",
+                hint="Build through `edgepipe build` (it tokenizes calibration_data/), or pass QuantInputs.",
+            )
+        return quantize_static_plan(src, dst, precision, quant, flavor or ort_qdq_flavor(None))
     raise BuildError(f"Runtime onnxruntime cannot lower precision '{precision}'; it lowers {', '.join(precisions())}.")
 
 
@@ -184,11 +225,220 @@ def _quiet_ort_logging():
         root.setLevel(level)
 
 
+@dataclass(frozen=True)
+class QdqFlavor:
+    """How ORT's QDQ quantizer writes a static int8 graph for one runtime, and how to run candidates here.
+
+    The onnxruntime flavour targets ORT's own int8 kernels; the TensorRT flavour (``runtimes.tensorrt``) writes
+    symmetric explicit Q/DQ and measures candidates with ORT's QDQ fusion off, i.e. exact fake-quant numerics.
+    """
+
+    runtime: str
+    activation_type: str  # "uint8" | "int8"
+    weight_type: str
+    reduce_range: bool
+    extra_options: dict = field(default_factory=dict)
+    session_config: dict = field(default_factory=dict)  # ORT session config entries for measuring candidates
+    float_precision: str = "fp16"  # what int8-fp16 gives the layers it keeps out of int8
+    float_runs_as: str = "fp32"
+    float_note: str = ""
+    why: str = ""
+
+
+def ort_qdq_flavor(target: Target | None) -> QdqFlavor:
+    """ONNX Runtime's static int8 for this CPU: U8 activations; S8 weights with VNNI, else U8 weights.
+
+    Without VNNI ORT's x86 int8 GEMM multiplies u8 x s8 pairs into saturating 16-bit sums, and its S8S8 path gives
+    wrong results; u8 x u8 takes a non-saturating path. Measured on MiniLM here (weight GEMMs int8, 128 held-back
+    sentences): U8U8 keeps mean cosine 0.9990, U8S8 with 7-bit weights (reduce_range) 0.9976.
+    """
+    providers = (target.runtime_options.get("providers") if target else None) or ["CPUExecutionProvider"]
+    cpu_only = all(p == "CPUExecutionProvider" for p in providers)
+    vnni = cpu_has_vnni()
+    return QdqFlavor(
+        runtime="onnxruntime",
+        activation_type="uint8",
+        weight_type="int8" if vnni else "uint8",
+        reduce_range=False,
+        float_precision="fp16",
+        float_runs_as="fp32" if cpu_only else "fp16",
+        float_note=", runs fp32 (ORT's CPU EP has no fast fp16 kernels)" if cpu_only else "",
+        why=(
+            "this CPU has VNNI: u8 activations x s8 weights"
+            if vnni
+            else "this CPU has no VNNI: u8 activations x u8 weights (ORT's s8 paths saturate or are wrong here)"
+        ),
+    )
+
+
+def _quant_type(name: str):
+    from onnxruntime.quantization import QuantType
+
+    return {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[name]
+
+
+class _Candidates:
+    """Runs candidate plans composed from one Q/DQ graph in ORT, cheaply.
+
+    The float weights are written once as external data beside the candidate graphs, so composing and loading a
+    candidate copies kilobytes of graph and the int8 weights of its quantized layers, not the whole model.
+    """
+
+    def __init__(self, float_model: onnx.ModelProto, qdq_model: onnx.ModelProto, flavor: QdqFlavor, work: Path) -> None:
+        from onnx.external_data_helper import convert_model_to_external_data
+
+        self.qdq_model, self.flavor, self.work = qdq_model, flavor, work
+        model = onnx.ModelProto()
+        model.CopyFrom(float_model)
+        convert_model_to_external_data(model, all_tensors_to_one_file=True, location="weights.bin", size_threshold=1024)
+        onnx.save(model, str(work / "float.onnx"))
+        self.float_ref = onnx.load(str(work / "float.onnx"), load_external_data=False)
+        self.inputs = [i.name for i in float_model.graph.input]
+
+    def outputs(self, int8: frozenset[str], batches: list[dict[str, np.ndarray]]) -> np.ndarray:
+        """The first graph output (n, dim) of the candidate with ``int8`` quantized, over ``batches``."""
+        from edgepipe.stages.quantize import compose
+
+        path = self.work / "candidate.onnx"
+        onnx.save(compose(self.float_ref, self.qdq_model, int8), str(path))
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = os.cpu_count() or 1
+        opts.log_severity_level = 3
+        for key, value in self.flavor.session_config.items():
+            opts.add_session_config_entry(key, value)
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        feeds = [{k: b[k] for k in self.inputs} for b in batches]
+        return np.concatenate([session.run(None, f)[0] for f in feeds]).astype(np.float32)
+
+
+def quantize_static_plan(src: Path, dst: Path, precision: str, quant: QuantInputs, flavor: QdqFlavor) -> dict:
+    """Static int8 on the weight GEMMs of ``src`` with ORT's QDQ quantizer, planned per layer; write ``dst``.
+
+    Calibrates once on real calibration text, quantizes every weight GEMM once, then composes plans from that
+    graph: ``w8a8`` keeps them all int8; ``int8-fp16`` ranks layers by their held-back drop (each alone in int8,
+    run in ORT) and moves the most sensitive out of int8 until the whole held-back set is within the budget.
+
+    Returns:
+        The report for the manifest: ``plan`` (per layer: precision, what runs, why), ``calibration``,
+        ``int8_coverage`` (read back from the written graph), ``quantization`` (tool, types, budget steps).
+    """
+    import tempfile
+
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    from edgepipe.stages import calibrate as cal
+    from edgepipe.stages import quantize as q
+
+    cfg = quant.config
+    # ORT's calibrator only calibrates tensors with a known float type; ONNX's own shape inference cannot type the
+    # outputs of ORT's contrib ops (SkipLayerNormalization feeds every Q/K/V and FFN projection), so without ORT's
+    # symbolic inference those GEMMs would silently get weight-only Q/DQ.
+    float_model = SymbolicShapeInference.infer_shapes(onnx.load(str(src)), auto_merge=True)
+    gemms = q.weight_gemms(float_model)
+    if not gemms:
+        raise BuildError(f"Precision {precision}: the graph has no weight GEMM to quantize.", hint="Use fp16 or fp32.")
+    nodes = [g.node for g in gemms]
+    with tempfile.TemporaryDirectory(prefix=".quantize-", dir=dst.parent) as tmp:
+        work = Path(tmp)
+        qdq_model = _quantize_all(float_model, nodes, quant, flavor, work)
+        candidates = _Candidates(float_model, qdq_model, flavor, work)
+
+        def drop(int8: frozenset[str], batches: list[dict[str, np.ndarray]]) -> float:
+            return q.cosine_drop(candidates.outputs(int8, batches), quant.reference)
+
+        report: dict = {}
+        if precision == "w8a8":
+            int8, sensitivity, moved = frozenset(nodes), None, None
+            report["budget"] = {"budget": cfg.fidelity_budget, "checked_by": "the validate stage (fallback: int8-fp16)"}
+        else:
+            subset = quant.held_out[:SENSITIVITY_BATCHES]
+            sensitivity = q.rank_sensitivity(nodes, lambda s: drop(s, subset))
+            fit = q.fit_budget(nodes, sensitivity, lambda s: drop(s, quant.held_out), cfg.fidelity_budget)
+            int8, moved = fit.int8, fit.moved
+            report["budget"] = {
+                "budget": cfg.fidelity_budget,
+                "drop": round(fit.drop, 6),
+                "steps": fit.steps,
+                "sensitivity_sentences": int(sum(len(b["input_ids"]) for b in subset)),
+                "held_out_sentences": int(sum(len(b["input_ids"]) for b in quant.held_out)),
+            }
+    float_precision = "fp32" if precision == "w8a8" else flavor.float_precision
+    float_runs_as = "fp32" if precision == "w8a8" else flavor.float_runs_as
+    plan = q.make_plan(precision, gemms, int8, float_precision, float_runs_as, sensitivity, moved, flavor.float_note)
+    final = q.compose(float_model, qdq_model, int8)
+    del final.graph.value_info[:]  # symbolic dims from shape inference; the runtime re-infers
+    onnx.save(final, str(dst))
+    log.info("%s: %d of %d weight GEMMs in int8", precision, len(int8), len(gemms))
+    report.update(
+        {
+            "precision": precision,
+            "plan": plan.to_report(),
+            "calibration": cal.describe(quant.calibration, cfg.method).to_report(),
+            "int8_coverage": q.int8_coverage(final),
+            "quantization": {
+                "tool": f"onnxruntime {ort.__version__} quantize_static (QDQ)",
+                "activations": flavor.activation_type,
+                "weights": f"{flavor.weight_type} per-channel",
+                "reduce_range": flavor.reduce_range,
+                "gemm_outputs_quantized": False,
+                "why": flavor.why,
+            },
+        }
+    )
+    return report
+
+
+def _quantize_all(
+    float_model: onnx.ModelProto, nodes: list[str], quant: QuantInputs, flavor: QdqFlavor, work: Path
+) -> onnx.ModelProto:
+    """Calibrate on ``quant.calibration`` and put Q/DQ on every node in ``nodes``; return the Q/DQ graph."""
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    from edgepipe.stages import calibrate as cal
+    from edgepipe.stages.quantize import GEMM_OPS
+
+    typed, out = work / "typed.onnx", work / "qdq-all.onnx"
+    onnx.save(float_model, str(typed))  # quantize_static rewrites a ModelProto's weights in place: give it a file
+    extra = {
+        # ORT's shape inference cannot type the outputs of fused contrib ops (SkipLayerNormalization, BiasGelu).
+        "DefaultTensorType": onnx.TensorProto.FLOAT,
+        # Only GEMM inputs get Q/DQ: quantizing a GEMM's output adds error and puts DQ in front of Add/BiasGelu.
+        "OpTypesToExcludeOutputQuantization": list(GEMM_OPS),
+        # One batch of intermediate outputs in memory at a time (ORT keeps all of them per collect call).
+        "CalibStridedMinMax": 1,
+        **cal.ort_calibration_options(quant.config.method),
+        **flavor.extra_options,
+    }
+    with _quiet_ort_logging(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_static(
+            str(typed),
+            str(out),
+            cal.OrtCalibrationReader(quant.calibration, [i.name for i in float_model.graph.input]),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(GEMM_OPS),
+            nodes_to_quantize=nodes,
+            per_channel=True,
+            reduce_range=flavor.reduce_range,
+            activation_type=_quant_type(flavor.activation_type),
+            weight_type=_quant_type(flavor.weight_type),
+            calibrate_method=cal.ort_method(quant.config.method),
+            extra_options=extra,
+        )
+    return onnx.load(str(out))
+
+
 class OrtSession:
     """An ``onnxruntime.InferenceSession`` behind the ``Session`` interface."""
 
-    def __init__(self, path: Path, providers: list[str] | None = None, threads: int | None = None) -> None:
-        opts = ort.SessionOptions()
+    def __init__(
+        self,
+        path: Path,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+        options: ort.SessionOptions | None = None,
+    ) -> None:
+        opts = options or ort.SessionOptions()
         opts.intra_op_num_threads = threads or os.cpu_count() or 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
