@@ -147,6 +147,8 @@ def lower_encoder(
             f"Runtime onnxruntime cannot lower precision '{precision}'; it lowers {', '.join(precisions())}.",
             hint=f"Use --precision {precisions()[0]} or another target.",
         )
+    if precision in STATIC_PRECISIONS and quant is None:
+        raise quant_required_error(precision)
     out_dir.mkdir(parents=True, exist_ok=True)
     fp32_path = out_dir / "model.fp32.onnx"
     inputs = tuple(torch.from_numpy(example[k]) for k in ("input_ids", "attention_mask"))
@@ -205,12 +207,16 @@ def apply_precision(
         return {"precision": "int8-dynamic", "per_channel": True, "reduce_range": reduce_range}
     if precision in STATIC_PRECISIONS:
         if quant is None:
-            raise BuildError(
-                f"Precision {precision} needs calibration and held-back data; none was given.",
-                hint="Build through `edgepipe build` (it tokenizes calibration_data/), or pass QuantInputs.",
-            )
+            raise quant_required_error(precision)
         return quantize_static_plan(src, dst, precision, quant, flavor or ort_qdq_flavor(None))
     raise BuildError(f"Runtime onnxruntime cannot lower precision '{precision}'; it lowers {', '.join(precisions())}.")
+
+
+def quant_required_error(precision: str) -> BuildError:
+    return BuildError(
+        f"Precision {precision} needs calibration and held-back data; none was given.",
+        hint="Build through `edgepipe build` (it tokenizes calibration_data/), or pass QuantInputs.",
+    )
 
 
 @contextmanager
