@@ -11,8 +11,9 @@ from torch import Tensor
 def full_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, causal: bool = False) -> Tensor:
     """Scaled dot-product attention over the whole sequence.
 
-    Written as matmul + additive mask + softmax + matmul (the BERT pattern), which ONNX Runtime's transformer
-    optimizer fuses into its Attention kernel and XNNPACK delegates as a single subgraph.
+    Written as explicit 3-D ``bmm`` + additive mask + softmax + ``bmm`` with batch and heads folded together:
+    a 4-D ``matmul`` exports with an ``expand`` that XNNPACK does not delegate, which splits the block into
+    several delegated subgraphs; this form lowers as one.
 
     Args:
         q: (batch, heads, seq_q, head_dim)
@@ -24,18 +25,22 @@ def full_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = No
     Returns:
         (batch, heads, seq_q, head_dim)
     """
-    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    b, h, n, d = q.shape
+    n_k = k.shape[-2]
+    q = q * (1.0 / math.sqrt(d))
+    scores = torch.bmm(q.reshape(b * h, n, d), k.reshape(b * h, n_k, d).transpose(1, 2))  # (b*h, seq_q, seq_k)
     if key_mask is not None:
-        scores = scores + padding_bias(key_mask, scores.dtype)
+        scores = (scores.reshape(b, h, n, n_k) + padding_bias(key_mask, scores.dtype)).reshape(b * h, n, n_k)
     if causal:
-        n = q.shape[-2]
         scores = scores + causal_bias(n, scores.dtype, scores.device)
-    return torch.matmul(torch.softmax(scores, dim=-1), v)
+    out = torch.bmm(torch.softmax(scores, dim=-1), v.reshape(b * h, n_k, v.shape[-1]))
+    return out.reshape(b, h, n, v.shape[-1])
 
 
 def padding_bias(key_mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """(batch, seq) 1/0 key mask -> additive (batch, 1, 1, seq) bias: 0 to keep, a large negative to drop."""
-    return (1.0 - key_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+    """A (batch, seq) 1/0 key mask as an additive (batch, 1, 1, seq) bias: 0 to keep, a large negative to drop."""
+    mask = key_mask if key_mask.dtype == dtype else key_mask.to(dtype)  # no no-op copy node in exported graphs
+    return ((1.0 - mask) * torch.finfo(dtype).min).reshape(key_mask.shape[0], 1, 1, -1)
 
 
 def causal_bias(n: int, dtype: torch.dtype, device: torch.device | None = None) -> Tensor:

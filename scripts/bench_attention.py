@@ -1,0 +1,423 @@
+"""Latency of full, windowed and linear attention in eager PyTorch, ONNX Runtime and ExecuTorch (XNNPACK).
+
+Two scopes: the attention block alone (Q/K/V/out projections + mixing) and a whole post-norm transformer layer
+(hidden 384, 12 heads, FFN 1536), at n = 512 ... 8192, batch 1, bidirectional, 2 threads. "full" is the fastest
+full attention each runtime offers, measured per n:
+
+- eager: ``F.scaled_dot_product_attention`` (flash kernel) or matmul + softmax;
+- onnxruntime: ORT's contrib ``MultiHeadAttention`` (com.microsoft, graph built with onnx.helper from the same
+  weights) or the plain matmul + softmax export;
+- executorch: ExecuTorch's ``llama::custom_sdpa`` kernel, ``F.scaled_dot_product_attention`` or matmul + softmax,
+  each lowered with the XNNPACK partitioner.
+
+Forms that materialise the (heads, n, n) score tensor are skipped where it would exceed ``--max-scores-gb``
+(the machine is shared); the skip is printed. Prints ms, µs per token, the ratio full/form and the FLOP ratio
+beside it (the bound); ``--json FILE`` writes rows ``{"runtime","scope","form","n","ms","gflop"}``.
+
+    python scripts/bench_attention.py                                   # everything (tens of minutes)
+    python scripts/bench_attention.py --ns 1024 4096 --runtimes onnxruntime --repeats 3
+    python scripts/bench_attention.py --ns 4096 --runtimes onnxruntime --scopes attention --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from edgepipe.attention.full import full_attention
+from edgepipe.attention.linear import linear_attention
+from edgepipe.attention.windowed import windowed_attention
+
+HIDDEN, HEADS, FFN = 384, 12, 1536
+THREADS = 2
+RUNTIMES = ("eager", "onnxruntime", "executorch")
+SCOPES = ("attention", "layer")
+FORMS = ("full", "windowed", "linear")
+
+
+# ---------------------------------------------------------------- models
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def _custom_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """ExecuTorch's SDPA kernel; layout (batch, seq, heads, head_dim)."""
+    return torch.ops.llama.custom_sdpa(q, k, v, 0, None, 0.0, False, None)
+
+
+class Block(nn.Module):
+    """Q/K/V projections, a mixing function, out projection. x: (batch, seq, hidden) -> same."""
+
+    def __init__(self, mix: Callable[..., Tensor], seq_major: bool = False) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(HIDDEN, HIDDEN) for _ in range(4))
+        self.mix, self.seq_major = mix, seq_major
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = x.shape[0]
+        d = HIDDEN // HEADS
+        q, k, v = (p(x).reshape(b, -1, HEADS, d) for p in (self.q, self.k, self.v))
+        if self.seq_major:  # mixing takes (b, n, h, d): no transposes at all
+            return self.o(self.mix(q, k, v).reshape(b, -1, HIDDEN))
+        ctx = self.mix(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.o(ctx.transpose(1, 2).contiguous().reshape(b, -1, HIDDEN))
+
+
+class Layer(nn.Module):
+    """Post-norm BERT layer: x = LN(x + attn(x)); x = LN(x + W2 gelu(W1 x))."""
+
+    def __init__(self, mix: Callable[..., Tensor], seq_major: bool = False) -> None:
+        super().__init__()
+        self.attn = Block(mix, seq_major)
+        self.ln1, self.ln2 = nn.LayerNorm(HIDDEN), nn.LayerNorm(HIDDEN)
+        self.ffn1, self.ffn2 = nn.Linear(HIDDEN, FFN), nn.Linear(FFN, HIDDEN)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.ln1(x + self.attn(x))
+        return self.ln2(x + self.ffn2(F.gelu(self.ffn1(x))))
+
+
+def build(scope: str, mix: Callable[..., Tensor], seq_major: bool = False) -> nn.Module:
+    """The same seeded weights for every form, so outputs of one scope are comparable across forms."""
+    torch.manual_seed(0)
+    return (Block if scope == "attention" else Layer)(mix, seq_major).eval()
+
+
+def mixers(runtime: str, window: int) -> dict[str, dict[str, tuple[Callable[..., Tensor], bool]]]:
+    """form -> {variant: (mixing function, seq_major)}; "full" has several variants, the fastest counts."""
+    full: dict[str, tuple[Callable[..., Tensor], bool]] = {"plain": (full_attention, False)}
+    if runtime in ("eager", "executorch"):
+        full["sdpa"] = (_sdpa, False)
+    if runtime == "executorch":
+        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (registers llama::custom_sdpa)
+
+        full["custom_sdpa"] = (_custom_sdpa, True)
+    return {
+        "full": full,
+        "windowed": {"blocked": (partial(windowed_attention, window=window), False)},
+        "linear": {"elu": (linear_attention, False)},
+    }
+
+
+def materialises_scores(runtime: str, variant: str) -> bool:
+    """True where the variant holds the whole (heads, n, n) score tensor in memory."""
+    return variant == "plain" or (runtime == "executorch" and variant == "sdpa")
+
+
+# ---------------------------------------------------------------- FLOPs
+
+
+def gflop(scope: str, form: str, n: int, window: int) -> float:
+    """Multiply-adds x 2 of every matmul (projections, mixing, FFN); softmax, norms and masks not counted."""
+    d = HIDDEN // HEADS
+    flops = 4 * 2 * n * HIDDEN * HIDDEN
+    if form == "full":
+        flops += 2 * 2 * n * n * HIDDEN
+    elif form == "windowed":
+        n_pad = -(-n // window) * window
+        flops += 2 * 2 * n_pad * 2 * window * HIDDEN  # each block of w queries against its 2w keys
+    else:
+        flops += 2 * 2 * n * HIDDEN * (d + 1)  # phi(K)ᵀ[V, 1] and phi(Q)·state
+    if scope == "layer":
+        flops += 2 * 2 * n * HIDDEN * FFN
+    return flops / 1e9
+
+
+# ---------------------------------------------------------------- runtimes
+
+
+def timed(repeats: int, run: Callable[..., object], *args: object) -> float:
+    """Median wall time of run(*args) in ms after one warm-up run."""
+    run(*args)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(*args)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def ort_session(path: Path, profile_prefix: str | None = None):  # noqa: ANN201 - onnxruntime is optional here
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = THREADS, 1
+    if profile_prefix:
+        opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def export_onnx(model: nn.Module, path: Path) -> Path:
+    """Dynamo export with a dynamic sequence axis (any n; blocked forms pad inside)."""
+    x = torch.randn(1, 512, HIDDEN)
+    onnx_program = torch.onnx.export(
+        model, (x,), dynamo=True, dynamic_shapes=({1: torch.export.Dim("seq", min=1, max=65536)},), verbose=False
+    )
+    onnx_program.save(str(path))
+    return path
+
+
+def mha_onnx(model: nn.Module, path: Path) -> Path:
+    """The same block/layer with ORT's contrib MultiHeadAttention, built with onnx.helper from model's weights."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits: list = []
+
+    def weight(name: str, t: Tensor) -> str:
+        inits.append(numpy_helper.from_array(t.detach().numpy().astype(np.float32), name))
+        return name
+
+    nodes: list = []
+
+    def linear(x: str, lin: nn.Linear, name: str) -> str:
+        nodes.append(helper.make_node("MatMul", [x, weight(f"{name}.w", lin.weight.T.contiguous())], [f"{name}.mm"]))
+        nodes.append(helper.make_node("Add", [f"{name}.mm", weight(f"{name}.b", lin.bias)], [name]))
+        return name
+
+    block = model if isinstance(model, Block) else model.attn
+    q, k, v = (linear("x", getattr(block, c), c) for c in "qkv")
+    nodes.append(helper.make_node("MultiHeadAttention", [q, k, v], ["ctx"], domain="com.microsoft", num_heads=HEADS))
+    out = linear("ctx", block.o, "attn_out")
+    if isinstance(model, Layer):
+
+        def layer_norm(x: str, ln: nn.LayerNorm, name: str) -> str:
+            ins = [x, weight(f"{name}.g", ln.weight), weight(f"{name}.b", ln.bias)]
+            nodes.append(helper.make_node("LayerNormalization", ins, [name], axis=-1, epsilon=ln.eps))
+            return name
+
+        nodes.append(helper.make_node("Add", ["x", out], ["res1"]))
+        h = layer_norm("res1", model.ln1, "ln1")
+        nodes.append(helper.make_node("Gelu", [linear(h, model.ffn1, "ffn1")], ["gelu"]))
+        nodes.append(helper.make_node("Add", [h, linear("gelu", model.ffn2, "ffn2")], ["res2"]))
+        out = layer_norm("res2", model.ln2, "ln2")
+    nodes.append(helper.make_node("Identity", [out], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "mha",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "seq", HIDDEN])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "seq", HIDDEN])],
+        inits,
+    )
+    opsets = [helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)]
+    onnx.save(helper.make_model(graph, opset_imports=opsets), str(path))
+    return path
+
+
+def lower_executorch(model: nn.Module, n: int) -> tuple[object, object, int]:
+    """Static-shape export (the host pads to n) lowered with XNNPACK -> (program, method, delegated subgraphs).
+
+    The caller keeps the program: a Method whose Program was garbage collected reads freed memory.
+    """
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.devtools.backend_debug import get_delegation_info
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    exported = torch.export.export(model, (torch.randn(1, n, HIDDEN),))
+    edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+    delegates = get_delegation_info(edge.exported_program().graph_module).num_delegated_subgraphs
+    program = Runtime.get().load_program(edge.to_executorch().buffer)
+    return program, program.load_method("forward"), delegates
+
+
+def ort_profile_summary(session, top: int = 12) -> list[str]:  # noqa: ANN001
+    """Per-op-type and top-node times from ORT's profiler (one profiled session, several runs)."""
+    path = session.end_profiling()
+    events = json.loads(Path(path).read_text())
+    by_node: dict[tuple[str, str], float] = {}
+    runs = sum(1 for e in events if e.get("name") == "model_run")
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            key = (e["args"]["op_name"], e["name"].removesuffix("_kernel_time"))
+            by_node[key] = by_node.get(key, 0.0) + e["dur"] / 1000 / max(runs, 1)
+    by_op: dict[str, float] = {}
+    for (op, _), ms in by_node.items():
+        by_op[op] = by_op.get(op, 0.0) + ms
+    total = sum(by_op.values())
+    lines = [
+        f"    kernels {total:.1f} ms/run; by op: "
+        + ", ".join(f"{op} {ms:.1f}" for op, ms in sorted(by_op.items(), key=lambda kv: -kv[1])[:8])
+    ]
+    for (op, name), ms in sorted(by_node.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"      {ms:7.2f} ms  {op:16s} {name}")
+    return lines
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def bench(args: argparse.Namespace) -> list[dict]:
+    torch.set_num_threads(THREADS)
+    if "executorch" in args.runtimes:
+        from executorch.extension.pybindings import portable_lib
+
+        portable_lib._unsafe_reset_threadpool(THREADS)
+    rows: list[dict] = []
+    tmp = Path(tempfile.mkdtemp(prefix="bench_attention_"))
+    for runtime in args.runtimes:
+        for scope in args.scopes:
+            for form in args.forms:
+                for variant, (mix, seq_major) in mixers(runtime, args.window)[form].items():
+                    model = build(scope, mix, seq_major)
+                    rows += bench_variant(args, runtime, scope, form, variant, model, tmp)
+                if runtime == "onnxruntime" and form == "full":
+                    model = build(scope, full_attention)
+                    rows += bench_variant(args, runtime, scope, form, "mha", model, tmp)
+    return rows
+
+
+def bench_variant(
+    args: argparse.Namespace, runtime: str, scope: str, form: str, variant: str, model: nn.Module, tmp: Path
+) -> list[dict]:
+    """Time one (runtime, scope, form, variant) at every n; rows carry the variant for picking the fastest full."""
+    rows = []
+    session = None
+    if runtime == "onnxruntime":
+        path = tmp / f"{scope}-{form}-{variant}.onnx"
+        (mha_onnx if variant == "mha" else export_onnx)(model, path)
+        session = ort_session(path, str(tmp / f"prof-{scope}-{form}-{variant}") if args.profile else None)
+    for n in args.ns:
+        if materialises_scores(runtime, variant) and 4 * HEADS * n * n / 1e9 > args.max_scores_gb:
+            print(f"  skip {runtime}/{scope}/{form}[{variant}] n={n}: (heads, n, n) scores > {args.max_scores_gb} GB")
+            continue
+        x = torch.randn(1, n, HIDDEN, generator=torch.Generator().manual_seed(n))
+        with torch.inference_mode():
+            expected = model(x) if n <= 2048 else None
+        extra = ""
+        if runtime == "eager":
+            with torch.inference_mode():
+                ms = timed(args.repeats, model, x)
+            got = expected
+        elif runtime == "onnxruntime":
+            feeds = {"x": x.numpy()} if variant == "mha" else {session.get_inputs()[0].name: x.numpy()}
+            ms = timed(args.repeats, session.run, None, feeds)
+            got = torch.from_numpy(session.run(None, feeds)[0])
+        else:
+            program, method, delegates = lower_executorch(model, n)
+            ms = timed(args.repeats, method.execute, [x])
+            got = method.execute([x])[0]
+            extra = f" delegates={delegates}"
+            del method, program
+        err = "" if expected is None else f" max|diff|={(got - expected).abs().max().item():.1e}"
+        print(f"  {runtime:11s} {scope:9s} {form:8s} {variant:11s} n={n:5d} {ms:9.1f} ms{err}{extra}", flush=True)
+        rows.append(
+            {
+                "runtime": runtime,
+                "scope": scope,
+                "form": form,
+                "variant": variant,
+                "n": n,
+                "ms": ms,
+                "gflop": gflop(scope, form, n, args.window),
+            }
+        )
+    if session is not None and args.profile:
+        print(f"  profile {runtime}/{scope}/{form}[{variant}] (all n together):")
+        print("\n".join(ort_profile_summary(session)))
+    return rows
+
+
+def best_rows(rows: list[dict]) -> list[dict]:
+    """One row per (runtime, scope, form, n): the fastest variant."""
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["runtime"], r["scope"], r["form"], r["n"])
+        if key not in best or r["ms"] < best[key]["ms"]:
+            best[key] = r
+    return list(best.values())
+
+
+def report(rows: list[dict], window: int) -> list[str]:
+    """The table and the goal checks of issue 4."""
+    idx = {(r["runtime"], r["scope"], r["form"], r["n"]): r for r in rows}
+    lines = [
+        f"window {window}, hidden {HIDDEN}, heads {HEADS}, FFN {FFN}, batch 1, {THREADS} threads, bidirectional",
+        f"{'runtime':11s} {'scope':9s} {'form':8s} {'(variant)':13s} {'n':>5s} {'ms':>9s} {'us/tok':>7s} "
+        f"{'full/form':>9s} {'FLOPratio':>9s} {'%bound':>6s}",
+    ]
+    goals = []
+    for runtime in RUNTIMES:
+        for scope in SCOPES:
+            for form in FORMS:
+                for n in sorted({r["n"] for r in rows}):
+                    r = idx.get((runtime, scope, form, n))
+                    if r is None:
+                        continue
+                    full = idx.get((runtime, scope, "full", n))
+                    speed = f"{full['ms'] / r['ms']:9.2f}" if full else f"{'-':>9s}"
+                    bound = gflop(scope, "full", n, window) / r["gflop"]
+                    pct = f"{100 * full['ms'] / r['ms'] / bound:5.0f}%" if full else f"{'-':>6s}"
+                    lines.append(
+                        f"{runtime:11s} {scope:9s} {form:8s} {'(' + r['variant'] + ')':13s} {n:5d} "
+                        f"{r['ms']:9.1f} {1000 * r['ms'] / n:7.1f} {speed} {bound:9.2f} {pct}"
+                    )
+                    if form == "windowed" and n in (4096, 8192) and runtime != "eager" and full:
+                        ok = full["ms"] / r["ms"] >= 0.7 * bound
+                        goals.append(
+                            f"{'MET ' if ok else 'MISS'} windowed >= 70% of bound: {runtime}/{scope} n={n}: "
+                            f"{full['ms'] / r['ms']:.2f}x of {bound:.2f}x ({100 * full['ms'] / r['ms'] / bound:.0f}%)"
+                        )
+                    if form == "linear" and scope == "attention" and n == 4096 and full:
+                        ok = full["ms"] / r["ms"] >= 3
+                        goals.append(
+                            f"{'MET ' if ok else 'MISS'} linear >= 3x full: {runtime}/attention n=4096: "
+                            f"{full['ms'] / r['ms']:.2f}x"
+                        )
+                per_tok = {
+                    n: 1000 * idx[(runtime, scope, form, n)]["ms"] / n
+                    for n in (1024, 2048, 4096, 8192)
+                    if (runtime, scope, form, n) in idx
+                }
+                if form != "full" and 1024 in per_tok and len(per_tok) > 1:
+                    spread = [v / per_tok[1024] - 1 for v in per_tok.values()]
+                    ok = all(abs(s) <= 0.25 for s in spread)
+                    goals.append(
+                        f"{'MET ' if ok else 'MISS'} {form} us/token flat ±25% 1024->8192: {runtime}/{scope}: "
+                        + " ".join(f"{v:.1f}" for v in per_tok.values())
+                    )
+    return lines + [""] + goals
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ns", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
+    parser.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES))
+    parser.add_argument("--scopes", nargs="+", choices=SCOPES, default=list(SCOPES))
+    parser.add_argument("--forms", nargs="+", choices=FORMS, default=list(FORMS))
+    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per point (median), after one warm-up")
+    parser.add_argument(
+        "--max-scores-gb",
+        type=float,
+        default=2.0,
+        help="skip full-attention variants whose (heads, n, n) fp32 scores exceed this",
+    )
+    parser.add_argument("--profile", action="store_true", help="print ONNX Runtime per-op profiles")
+    parser.add_argument("--json", type=Path, help="write rows {runtime, scope, form, n, ms, gflop} here")
+    args = parser.parse_args(argv)
+    rows = best_rows(bench(args))
+    print("\n".join(report(rows, args.window)))
+    if args.json:
+        keys = ("runtime", "scope", "form", "n", "ms", "gflop")
+        args.json.write_text(json.dumps([{k: r[k] for k in keys} for r in rows], indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
