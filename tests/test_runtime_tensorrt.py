@@ -4,6 +4,7 @@ fidelity budget, and ships with a build plan and build_engine.py. Engine tests n
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import subprocess
 import sys
@@ -214,6 +215,7 @@ def test_check_graph_rejects_each_placement_tensorrt_cannot_fuse(graph, breaker,
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not importlib.util.find_spec("polygraphy"), reason='needs polygraphy: pip install ".[tensorrt]"')
 def test_polygraphy_lint_passes_the_produced_graph_and_flags_a_broken_one(lowered, tmp_path):
     path = lowered[0].files["model"]
     assert trt_rt.polygraphy_lint(path).startswith("passed")
