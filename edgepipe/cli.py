@@ -68,10 +68,22 @@ def cli(debug: bool) -> None:
 @click.option(
     "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value, e.g. distill.steps=200."
 )
+@click.option(
+    "--task",
+    default=None,
+    help="Optimum export task for a checkpoint dir (default: from config.json), e.g. fill-mask, text-generation.",
+)
 @click.option("--force", is_flag=True, help="Recompute every stage instead of using the cache.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and stop.")
 def build(
-    model: str | None, target: str, precision: str | None, out_dir: Path, overrides, force: bool, dry_run: bool
+    model: str | None,
+    target: str,
+    precision: str | None,
+    out_dir: Path,
+    overrides,
+    task: str | None,
+    force: bool,
+    dry_run: bool,
 ) -> None:
     """Build a validated bundle for TARGET from MODEL: distill, swap attention, quantize, lower, validate.
 
@@ -81,12 +93,13 @@ def build(
       edgepipe build --target jetson-orin-nano
       edgepipe build --model models/minilm-windowed.toml --target android-arm64 --precision int8-fp16
       edgepipe build --model ~/ckpt/my-bert --set validate.samples=256
+      edgepipe build --model ~/ckpt/my-gpt2 --target jetson-orin-nano   # non-BERT: through Optimum
     """
     from edgepipe import pipeline
     from edgepipe.config import resolve_run_config
     from edgepipe.progress import Progress
 
-    cfg = resolve_run_config(model, target, precision, out_dir, tuple(overrides))
+    cfg = resolve_run_config(model, target, precision, out_dir, tuple(overrides), task=task)
     if dry_run:
         console.print_json(cfg.to_json())
         return
@@ -115,6 +128,8 @@ def _print_build_summary(bundle) -> None:
     fid = m.get("fidelity", {})
     table = Table(show_header=False, box=None)
     table.add_row("bundle", str(bundle.path))
+    if m.get("route"):
+        table.add_row("path", f"{m['route']['path']}: {m['route']['why']}")
     table.add_row("size", f"{size / 1e6:.1f} MB")
     if "p50_ms" in lat:
         table.add_row(

@@ -338,6 +338,7 @@ class RunConfig:
     target: Target
     precision: str
     out_dir: Path
+    task: str | None = None  # --task: an Optimum task for a checkpoint directory (None: inferred from config.json)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -359,6 +360,7 @@ class RunConfig:
             "target": self.target.to_dict(),
             "precision": self.precision,
             "out_dir": str(self.out_dir),
+            "task": self.task,
         }
 
     def to_json(self) -> str:
@@ -366,15 +368,22 @@ class RunConfig:
 
 
 def resolve_run_config(
-    model: str | None, target: str, precision: str | None, out_dir: Path | str, overrides: tuple[str, ...] = ()
+    model: str | None,
+    target: str,
+    precision: str | None,
+    out_dir: Path | str,
+    overrides: tuple[str, ...] = (),
+    task: str | None = None,
 ) -> RunConfig:
     """Resolve CLI-level choices into a ``RunConfig``.
 
     ``model`` is a recipe name, a recipe TOML or a checkpoint directory (None: the default recipe); ``precision``
-    None takes the target's default.
+    None takes the target's default; ``task`` (checkpoint directories only) picks Optimum's export task.
     """
     tgt = load_target(target)
     model = model or DEFAULT_MODEL
     path = Path(model).expanduser()
     recipe = recipe_for_checkpoint(path, overrides) if path.is_dir() else load_recipe(model, overrides)
-    return RunConfig(recipe=recipe, target=tgt, precision=precision or tgt.precision, out_dir=Path(out_dir))
+    return RunConfig(
+        recipe=recipe, target=tgt, precision=precision or tgt.precision, out_dir=Path(out_dir), task=task or None
+    )

@@ -96,6 +96,8 @@ def _writable_out(out_dir: Path) -> None:
 class _Build:
     """One build's state: lazily loaded models and the stage records for the manifest."""
 
+    route: dict | None = None  # models.optimum.Route: which path the build took and why
+
     def __init__(self, cfg: RunConfig, cache: StageCache, progress: Progress) -> None:
         self.cfg, self.cache, self.progress = cfg, cache, progress
         self.recipe, self.target = cfg.recipe, cfg.target
@@ -378,6 +380,7 @@ class _Build:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "model": self.recipe.name,
             "kind": self.recipe.kind,
+            "route": self.route,
             "source_model": {"path": str(self.teacher_dir), "hash": teacher_hash},
             "recipe": self.recipe.to_dict(),
             "target": self.target.to_dict(),
@@ -411,6 +414,15 @@ def build(
     Raises:
         EdgepipeError: Any user-facing failure (bad input, export, validation, fidelity budget).
     """
+    from edgepipe.models.optimum import build_foreign, choose_route
+
     _writable_out(cfg.out_dir)
     progress = progress or Progress(quiet=True)
-    return _Build(cfg, StageCache(cache_root, force=force), progress).run()
+    cache = StageCache(cache_root, force=force)
+    checkpoint = resolve_teacher(cfg.recipe)
+    route = choose_route(cfg, checkpoint)  # edgepipe's own models, or Optimum for architectures it lacks
+    if route.path == "optimum":
+        return build_foreign(cfg, route, checkpoint, cache, progress)
+    builder = _Build(cfg, cache, progress)
+    builder.route = route.to_dict()
+    return builder.run()

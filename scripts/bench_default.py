@@ -1,5 +1,11 @@
 """Benchmark the default bundle against the teacher in one run: PyTorch eager, ORT fp32, ORT int8-dynamic (the anchor).
 
+Where the ``optimum`` extra is installed (its own environment: optimum-onnx pins transformers < 4.58), two more rows
+show what a user gets from optimum-cli for the teacher: ``optimum-cli export onnx --task feature-extraction`` (fp32)
+and ``optimum-cli onnxruntime quantize --avx512`` on it (dynamic int8), with the mean pooling a user adds in numpy.
+Every row also gets its fidelity: mean / min cosine of its sentence embeddings vs the PyTorch teacher on 64 held-back
+sentences, so speed is compared at known fidelity.
+
 Usage:
     python scripts/bench_default.py [--bundle artifacts/minilm-student/host-cpu] [--repeats 30] [--json FILE]
 
@@ -29,6 +35,7 @@ from edgepipe.runtimes import onnxruntime as ort_rt
 
 SHAPES = ((1, 128), (1, 512), (8, 128))
 ANCHOR = "ort int8-dynamic (teacher)"
+FIDELITY_SENTENCES = 64
 
 
 def real_inputs(tok_path: Path, batch: int, seq: int) -> dict[str, np.ndarray]:
@@ -49,6 +56,46 @@ def timed(fn, feeds, warmup: int, repeats: int) -> list[float]:
         fn(feeds)
         out.append((time.perf_counter() - t) * 1e3)
     return out
+
+
+def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Sentence embeddings from token states (b, s, d): masked mean, L2-normalised (what the teacher's pooling does)."""
+    m = mask[..., None].astype(np.float32)
+    emb = (hidden * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+    return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+
+
+def optimum_candidates(teacher_dir: Path, work: Path, target, threads: int) -> dict:
+    """Optimum's own ORT path for the teacher, as optimum-cli gives it: {name: feeds -> sentence embeddings}."""
+    try:
+        from optimum.exporters.onnx import main_export
+        from optimum.onnxruntime import ORTQuantizer
+        from optimum.onnxruntime.configuration import AutoQuantizationConfig
+    except ImportError:
+        print('optimum-onnx is not installed: pip install "edgepipe[optimum]" to add its rows', file=sys.stderr)
+        return {}
+    export = work / "optimum-fp32"
+    main_export(str(teacher_dir), export, task="feature-extraction", device="cpu")  # optimum-cli export onnx
+    # optimum-cli onnxruntime quantize --avx512: dynamic int8, its default per-tensor weights (this CPU has no VNNI).
+    config = AutoQuantizationConfig.avx512(is_static=False, per_channel=False)
+    ORTQuantizer.from_pretrained(export).quantize(save_dir=work / "optimum-int8", quantization_config=config)
+    rows = {}
+    for name, path in (
+        ("optimum-cli export fp32 (teacher)", export / "model.onnx"),
+        ("optimum-cli quantize --avx512 (teacher)", work / "optimum-int8" / "model_quantized.onnx"),
+    ):
+        session = ort_rt.load(path, target, threads=threads)
+        rows[name] = lambda f, s=session: mean_pool(s.run(f)["last_hidden_state"], f["attention_mask"])
+    return rows
+
+
+def fidelity(fn, tok_path: Path, reference: np.ndarray) -> dict[str, float]:
+    """Mean / min cosine of ``fn``'s sentence embeddings vs the teacher's on held-back sentences."""
+    tok = load_tokenizer(tok_path, 128)
+    feeds = encode(tok, read_sentences("validation.txt", FIDELITY_SENTENCES))
+    out = np.asarray(fn(feeds), dtype=np.float64)
+    cos = (out * reference).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(reference, axis=1))
+    return {"mean_cosine": round(float(cos.mean()), 5), "min_cosine": round(float(cos.min()), 5)}
 
 
 def main() -> int:
@@ -75,16 +122,22 @@ def main() -> int:
     for precision in ("fp32", "int8-dynamic"):
         lowered = ort_rt.lower_encoder(teacher, example, target, precision, work / precision)
         session = ort_rt.load(lowered.files["model"], target, threads=args.threads)
-        candidates[f"ort {precision} (teacher)"] = session.run
+        candidates[f"ort {precision} (teacher)"] = lambda f, s=session: s.run(f)["sentence_embedding"]
+    candidates.update(optimum_candidates(teacher_dir, work, target, args.threads))
     if (args.bundle / "manifest.json").is_file():
         manifest = json.loads((args.bundle / "manifest.json").read_text())
         session = ort_rt.load(args.bundle / manifest["graphs"]["model"], target, threads=args.threads)
-        candidates[f"bundle {manifest['model']} ({manifest['precision']})"] = session.run
+        candidates[f"bundle {manifest['model']} ({manifest['precision']})"] = lambda f, s=session: s.run(f)[
+            "sentence_embedding"
+        ]
     else:
         print(f"no bundle at {args.bundle}: build it with `edgepipe build` to add its row", file=sys.stderr)
 
     rows = []
     with torch.no_grad():
+        ref_feeds = encode(load_tokenizer(tok_path, 128), read_sentences("validation.txt", FIDELITY_SENTENCES))
+        reference = np.asarray(candidates["pytorch eager fp32 (teacher)"](ref_feeds), dtype=np.float64)
+        fidelities = {name: fidelity(fn, tok_path, reference) for name, fn in candidates.items()}
         for batch, seq in SHAPES:
             feeds = real_inputs(tok_path, batch, seq)
             times: dict[str, list[float]] = {name: [] for name in candidates}
@@ -103,13 +156,18 @@ def main() -> int:
                         "ms": round(ms, 3),
                         "p90_ms": round(float(np.percentile(t, 90)), 3),
                         "vs_anchor": round(anchor / ms, 3),
+                        **fidelities[name],
                     }
                 )
 
-    print(f"{'candidate':44s} {'shape':>7s} {'p50 ms':>9s} {'p90 ms':>9s} {'x anchor':>9s}")
+    print(f"{'candidate':44s} {'shape':>7s} {'p50 ms':>9s} {'p90 ms':>9s} {'x anchor':>9s} {'cos mean/min':>15s}")
     for r in rows:
-        print(f"{r['name']:44s} {r['batch']}x{r['seq']:<5d} {r['ms']:9.2f} {r['p90_ms']:9.2f} {r['vs_anchor']:9.2f}")
+        print(
+            f"{r['name']:44s} {r['batch']}x{r['seq']:<5d} {r['ms']:9.2f} {r['p90_ms']:9.2f} {r['vs_anchor']:9.2f} "
+            f"{r['mean_cosine']:.4f}/{r['min_cosine']:.4f}"
+        )
     print(f"(x anchor = median of '{ANCHOR}' / median of the row; > 1 is faster; {args.threads} threads)")
+    print(f"(cos = sentence-embedding cosine vs the PyTorch teacher on {FIDELITY_SENTENCES} held-back sentences)")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0
