@@ -267,8 +267,10 @@ def ort_qdq_flavor(target: Target | None) -> QdqFlavor:
         weight_type="int8" if vnni else "uint8",
         reduce_range=False,
         float_precision="fp16",
-        float_runs_as="fp32" if cpu_only else "fp16",
-        float_note=", runs fp32 (ORT's CPU EP has no fast fp16 kernels)" if cpu_only else "",
+        float_runs_as="fp32",
+        float_note=", runs fp32 (ORT's CPU EP has no fast fp16 kernels)"
+        if cpu_only
+        else ", runs fp32 (fp16 conversion of the float part is not implemented for GPU providers yet)",
         why=(
             "this CPU has VNNI: u8 activations x s8 weights"
             if vnni
@@ -339,7 +341,12 @@ def quantize_static_plan(src: Path, dst: Path, precision: str, quant: QuantInput
     # ORT's calibrator only calibrates tensors with a known float type; ONNX's own shape inference cannot type the
     # outputs of ORT's contrib ops (SkipLayerNormalization feeds every Q/K/V and FFN projection), so without ORT's
     # symbolic inference those GEMMs would silently get weight-only Q/DQ.
-    float_model = SymbolicShapeInference.infer_shapes(onnx.load(str(src)), auto_merge=True)
+    notes = []
+    try:
+        float_model = SymbolicShapeInference.infer_shapes(onnx.load(str(src)), auto_merge=True)
+    except Exception as exc:  # ORT's symbolic inference raises bare exceptions on ops it does not know
+        float_model = onnx.load(str(src))
+        notes.append(f"symbolic shape inference failed ({type(exc).__name__}); untyped GEMM inputs stay float")
     gemms = q.weight_gemms(float_model)
     if not gemms:
         raise BuildError(f"Precision {precision}: the graph has no weight GEMM to quantize.", hint="Use fp16 or fp32.")
@@ -374,13 +381,21 @@ def quantize_static_plan(src: Path, dst: Path, precision: str, quant: QuantInput
     final = q.compose(float_model, qdq_model, int8)
     del final.graph.value_info[:]  # symbolic dims from shape inference; the runtime re-infers
     onnx.save(final, str(dst))
+    coverage = q.int8_coverage(final)
+    # The plan says what was asked; what runs is read back from the graph (a GEMM whose activation could not be
+    # calibrated keeps only its weight DQ and runs float).
+    layers = plan.to_report()
+    for lp in layers:
+        if lp["precision"] == "int8" and coverage["layers"].get(lp["layer"]) != "int8":
+            lp["runs_as"] = "fp32"
+            lp["why"] += "; runs fp32: the graph has no int8 GEMM here (activation not calibrated)"
     log.info("%s: %d of %d weight GEMMs in int8", precision, len(int8), len(gemms))
     report.update(
         {
             "precision": precision,
-            "plan": plan.to_report(),
+            "plan": layers,
             "calibration": cal.describe(quant.calibration, cfg.method).to_report(),
-            "int8_coverage": q.int8_coverage(final),
+            "int8_coverage": coverage,
             "quantization": {
                 "tool": f"onnxruntime {ort.__version__} quantize_static (QDQ)",
                 "activations": flavor.activation_type,
@@ -388,6 +403,7 @@ def quantize_static_plan(src: Path, dst: Path, precision: str, quant: QuantInput
                 "reduce_range": flavor.reduce_range,
                 "gemm_outputs_quantized": False,
                 "why": flavor.why,
+                **({"notes": notes} if notes else {}),
             },
         }
     )
