@@ -72,6 +72,6 @@ def test_overrides_parse_values_as_toml():
 def test_run_config_rejects_precision_the_target_cannot_run():
     with pytest.raises(UsageError, match="Unknown precision 'int4'. Accepted: fp32, fp16"):
         resolve_run_config("minilm-teacher", "host-cpu", "int4", "artifacts")
-    with pytest.raises(UsageError, match="Target host-cpu runs fp32, fp16, int8-dynamic; the build asked for a8w16"):
+    with pytest.raises(UsageError, match="Target host-cpu runs fp32, fp16, int8-dynamic, w8a8, int8-fp16; the build asked for a8w16"):
         resolve_run_config("minilm-teacher", "host-cpu", "a8w16", "artifacts")
 
