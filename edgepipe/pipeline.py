@@ -278,6 +278,17 @@ class _Build:
         payload = {"artifact": lowered.key, "held_out": held_out, "runnable": runnable}
 
         def run(out: Path) -> dict:
+            proxy = lowered.meta["report"].get("proxy")
+            if not runnable and proxy:  # the lowering ran the artifact's numerics in a proxy (Ethos-U: TOSA reference)
+                outputs = np.load(lowered.dir / proxy["outputs"])
+                n = len(outputs)
+                return {
+                    "runtime": proxy["runtime"],
+                    "where": why,
+                    "samples": n,
+                    "vs_pytorch": compare(outputs, model_ref[:n]),
+                    "vs_teacher": compare(outputs, teacher_emb[:n]),
+                }
             if not runnable:  # judged in PyTorch only; the device run (`edgepipe bench`) checks the artifact
                 return {
                     "runtime": "not run here",
