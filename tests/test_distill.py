@@ -94,7 +94,7 @@ def test_distill_resumes_from_its_last_checkpoint(tmp_path, tiny_teacher, teache
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     resumed = distill(tiny_teacher, student_cfg, cfg, tmp_path, Progress(quiet=True), tokenizer_path=tok_path)
     assert resumed["resumed_from"] == 5
-    fresh = distill(tiny_teacher, student_cfg, cfg, tmp_path / "fresh", Progress(quiet=True), tokenizer_path=tok_path)
+    distill(tiny_teacher, student_cfg, cfg, tmp_path / "fresh", Progress(quiet=True), tokenizer_path=tok_path)
     a, b = load_student(tmp_path).state_dict(), load_student(tmp_path / "fresh").state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
