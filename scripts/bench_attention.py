@@ -59,6 +59,15 @@ def _custom_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return torch.ops.llama.custom_sdpa(q, k, v, 0, None, 0.0, False, None)
 
 
+def _query_chunked(q: Tensor, k: Tensor, v: Tensor, chunk: int = 1024) -> Tensor:
+    """Full attention over query chunks (a static Python loop): (heads, chunk, n) scores at a time, not (heads, n, n).
+
+    Same FLOPs as full attention; what a static-shape export can do where the whole score tensor does not fit.
+    """
+    n = q.shape[-2]
+    return torch.cat([full_attention(q[:, :, i : i + chunk], k, v) for i in range(0, n, chunk)], dim=2)
+
+
 class Block(nn.Module):
     """Q/K/V projections, a mixing function, out projection. x: (batch, seq, hidden) -> same."""
 
@@ -106,6 +115,7 @@ def mixers(runtime: str, window: int) -> dict[str, dict[str, tuple[Callable[...,
         import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (registers llama::custom_sdpa)
 
         full["custom_sdpa"] = (_custom_sdpa, True)
+        full["chunked"] = (_query_chunked, False)
     return {
         "full": full,
         "windowed": {"blocked": (partial(windowed_attention, window=window), False)},
@@ -138,17 +148,6 @@ def gflop(scope: str, form: str, n: int, window: int) -> float:
 
 
 # ---------------------------------------------------------------- runtimes
-
-
-def timed(repeats: int, run: Callable[..., object], *args: object) -> float:
-    """Median wall time of run(*args) in ms after one warm-up run."""
-    run(*args)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run(*args)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 def ort_session(path: Path, profile_prefix: str | None = None):  # noqa: ANN201 - onnxruntime is optional here
@@ -262,6 +261,8 @@ def ort_profile_summary(session, top: int = 12) -> list[str]:  # noqa: ANN001
 
 
 def bench(args: argparse.Namespace) -> list[dict]:
+    """Every (runtime, scope, n): all forms and variants timed round-robin, so load on a shared machine hits
+    them alike and the ratios stay fair."""
     torch.set_num_threads(THREADS)
     if "executorch" in args.runtimes:
         from executorch.extension.pybindings import portable_lib
@@ -271,50 +272,67 @@ def bench(args: argparse.Namespace) -> list[dict]:
     tmp = Path(tempfile.mkdtemp(prefix="bench_attention_"))
     for runtime in args.runtimes:
         for scope in args.scopes:
+            variants = {}  # (form, variant) -> model (eager, executorch) or ONNX Runtime session
             for form in args.forms:
                 for variant, (mix, seq_major) in mixers(runtime, args.window)[form].items():
-                    model = build(scope, mix, seq_major)
-                    rows += bench_variant(args, runtime, scope, form, variant, model, tmp)
+                    variants[form, variant] = build(scope, mix, seq_major)
                 if runtime == "onnxruntime" and form == "full":
-                    model = build(scope, full_attention)
-                    rows += bench_variant(args, runtime, scope, form, "mha", model, tmp)
+                    variants[form, "mha"] = build(scope, full_attention)
+            sessions = {}
+            if runtime == "onnxruntime":
+                for (form, variant), model in variants.items():
+                    path = tmp / f"{scope}-{form}-{variant}.onnx"
+                    (mha_onnx if variant == "mha" else export_onnx)(model, path)
+                    prefix = str(tmp / f"prof-{scope}-{form}-{variant}") if args.profile else None
+                    sessions[form, variant] = ort_session(path, prefix)
+            for n in args.ns:
+                rows += bench_n(args, runtime, scope, n, variants, sessions)
+            if args.profile:
+                for (form, variant), session in sessions.items():
+                    print(f"  profile {runtime}/{scope}/{form}[{variant}] (all n together):")
+                    print("\n".join(ort_profile_summary(session)))
     return rows
 
 
-def bench_variant(
-    args: argparse.Namespace, runtime: str, scope: str, form: str, variant: str, model: nn.Module, tmp: Path
-) -> list[dict]:
-    """Time one (runtime, scope, form, variant) at every n; rows carry the variant for picking the fastest full."""
-    rows = []
-    session = None
-    if runtime == "onnxruntime":
-        path = tmp / f"{scope}-{form}-{variant}.onnx"
-        (mha_onnx if variant == "mha" else export_onnx)(model, path)
-        session = ort_session(path, str(tmp / f"prof-{scope}-{form}-{variant}") if args.profile else None)
-    for n in args.ns:
+def bench_n(args: argparse.Namespace, runtime: str, scope: str, n: int, variants: dict, sessions: dict) -> list[dict]:
+    """Time every variant of one (runtime, scope) at sequence length n, round-robin."""
+    x = torch.randn(1, n, HIDDEN, generator=torch.Generator().manual_seed(n))
+    runs, notes, programs = {}, {}, []
+    for (form, variant), model in variants.items():
         if materialises_scores(runtime, variant) and 4 * HEADS * n * n / 1e9 > args.max_scores_gb:
             print(f"  skip {runtime}/{scope}/{form}[{variant}] n={n}: (heads, n, n) scores > {args.max_scores_gb} GB")
             continue
-        x = torch.randn(1, n, HIDDEN, generator=torch.Generator().manual_seed(n))
-        with torch.inference_mode():
-            expected = model(x) if n <= 2048 else None
-        extra = ""
         if runtime == "eager":
-            with torch.inference_mode():
-                ms = timed(args.repeats, model, x)
-            got = expected
+            runs[form, variant] = (model, x)
         elif runtime == "onnxruntime":
-            feeds = {"x": x.numpy()} if variant == "mha" else {session.get_inputs()[0].name: x.numpy()}
-            ms = timed(args.repeats, session.run, None, feeds)
-            got = torch.from_numpy(session.run(None, feeds)[0])
+            session = sessions[form, variant]
+            runs[form, variant] = (session.run, None, {session.get_inputs()[0].name: x.numpy()})
         else:
             program, method, delegates = lower_executorch(model, n)
-            ms = timed(args.repeats, method.execute, [x])
-            got = method.execute([x])[0]
-            extra = f" delegates={delegates}"
-            del method, program
-        err = "" if expected is None else f" max|diff|={(got - expected).abs().max().item():.1e}"
-        print(f"  {runtime:11s} {scope:9s} {form:8s} {variant:11s} n={n:5d} {ms:9.1f} ms{err}{extra}", flush=True)
+            programs.append(program)
+            runs[form, variant] = (method.execute, [x])
+            notes[form, variant] = f" delegates={delegates}"
+        with torch.inference_mode():  # check every artifact against eager PyTorch (the big ones only run, above)
+            got = runs[form, variant][0](*runs[form, variant][1:])
+            if n <= 2048 and runtime != "eager":
+                got = torch.as_tensor(got[0])
+                err = (got - model(x)).abs().max().item()
+                notes[form, variant] = notes.get((form, variant), "") + f" max|diff|={err:.1e}"
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
+    with torch.inference_mode():
+        for _ in range(args.repeats):
+            for key, (run, *run_args) in runs.items():
+                start = time.perf_counter()
+                run(*run_args)
+                times[key].append((time.perf_counter() - start) * 1000)
+    rows = []
+    for (form, variant), ts in times.items():
+        ms = statistics.median(ts)
+        print(
+            f"  {runtime:11s} {scope:9s} {form:8s} {variant:11s} n={n:5d} {ms:9.1f} ms (min {min(ts):.1f})"
+            f"{notes.get((form, variant), '')}",
+            flush=True,
+        )
         rows.append(
             {
                 "runtime": runtime,
@@ -326,9 +344,7 @@ def bench_variant(
                 "gflop": gflop(scope, form, n, args.window),
             }
         )
-    if session is not None and args.profile:
-        print(f"  profile {runtime}/{scope}/{form}[{variant}] (all n together):")
-        print("\n".join(ort_profile_summary(session)))
+    del runs, programs
     return rows
 
 

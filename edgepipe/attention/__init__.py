@@ -1,6 +1,7 @@
 """Attention forms behind one interface: a model takes any of them by name.
 
-Specs are strings: ``full``, ``windowed:W`` (blocked sliding window of W tokens) and ``linear``
+Specs are strings: ``full``, ``windowed:W`` (blocked local attention: blocks of W queries, each attending to
+2W keys; causal: the previous block and its own; bidirectional: the 2W keys centred on the block) and ``linear``
 (kernelised, ELU+1 features). Every form is a function ``(q, k, v, key_mask, causal) -> out`` with
 q, k, v: (batch, heads, seq, head_dim) and key_mask: (batch, seq) 1/0, so a model swaps forms without
 changing its projections.

@@ -62,8 +62,8 @@ def windowed_attention(
     right = n_pad + w - left - n  # zeros after the last key so the padded keys fill blocks + 1 whole blocks
     neg = torch.finfo(q.dtype).min / 4  # large but finite: a few of them summed stay finite, so no NaN rows
 
-    # Queries: scaled, a ones column (it multiplies the keys' bias column), padded to whole blocks.
-    q = torch.cat([q * (1.0 / math.sqrt(d)), q.new_ones(b, h, n, 1)], dim=-1)
+    # Queries: a ones column (it multiplies the keys' bias column), padded to whole blocks.
+    q = torch.cat([q, q.new_ones(b, h, n, 1)], dim=-1)
     q = _pad_seq(q, 0, n_pad - n)
 
     # Keys: padded to (blocks + 1) * w positions, plus a bias column that is 0 for real keys, `neg` otherwise.
@@ -83,7 +83,9 @@ def windowed_attention(
     kb = torch.cat([kb[:, :-1], kb[:, 1:]], dim=2).reshape(-1, 2 * w, d + 1)
     vb = v.reshape(b * h, -1, w, d)
     vb = torch.cat([vb[:, :-1], vb[:, 1:]], dim=2).reshape(-1, 2 * w, d)
-    qb = q.reshape(-1, w, d + 1)
+    # The scale goes on right before the GEMM: ONNX Runtime folds a Mul feeding a MatMul into the GEMM (alpha).
+    # It scales the bias column too, which stays a large negative.
+    qb = q.reshape(-1, w, d + 1) * (1.0 / math.sqrt(d))
 
     scores = torch.bmm(qb, kb.transpose(1, 2))  # (b*h*blocks, w, 2w), key mask already added by the GEMM
     if causal:
