@@ -254,9 +254,9 @@ class QdqFlavor:
 def ort_qdq_flavor(target: Target | None) -> QdqFlavor:
     """ONNX Runtime's static int8 for this CPU: U8 activations; S8 weights with VNNI, else U8 weights.
 
-    Without VNNI ORT's x86 int8 GEMM multiplies u8 x s8 pairs into saturating 16-bit sums, and its S8S8 path gives
-    wrong results; u8 x u8 takes a non-saturating path. Measured on MiniLM here (weight GEMMs int8, 128 held-back
-    sentences): U8U8 keeps mean cosine 0.9990, U8S8 with 7-bit weights (reduce_range) 0.9976.
+    Without VNNI ORT's x86 int8 GEMM multiplies u8 x s8 pairs into saturating 16-bit sums (reduce_range's 7-bit
+    weights avoid that at the cost of a bit) and its S8S8 path gives wrong results; u8 x u8 takes a non-saturating
+    path and keeps all 8 weight bits, so it is the choice there.
     """
     providers = (target.runtime_options.get("providers") if target else None) or ["CPUExecutionProvider"]
     cpu_only = all(p == "CPUExecutionProvider" for p in providers)
