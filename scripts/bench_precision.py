@@ -13,7 +13,7 @@ exactly as `edgepipe build` does (same calibration split, same held-back budget 
 - speed: median ms at 1x128 and 1x512, sessions timed round by round in this one process so ratios vs fp32 see
   the same machine load (TensorRT rows run a CPU proxy: no device latency, so no ms);
 - INT8 coverage: share of weight-GEMM FLOPs that run int8, read back from the lowered graph;
-- size: the artifact's bytes; peak RSS of a fresh process that loads it and runs 1x512, minus the runtime's own.
+- size: the artifact's bytes; the resident memory a fresh process gains by loading it and running 1x512.
 
 This CPU has no VNNI: int8 GEMMs bring no speed here (and fp16 none either); what int8 buys here is size/memory.
 """
@@ -44,17 +44,20 @@ from edgepipe.stages.validate import compare, embed_session, embed_torch  # noqa
 
 TARGETS = {"onnxruntime": "host-cpu", "executorch": "android-arm64", "tensorrt": "jetson-orin-nano"}
 SHAPES = ((1, 128), (1, 512))
-# A fresh process: import the runtime module, then (unless path is "-") load the artifact and run 1x512 once.
+# A fresh process: import the runtime module, then load the artifact and run 1x512 once; print the resident-set
+# growth in MB (current RSS, not the peak: importing torch peaks higher than a small session ever does).
 RSS_CHILD = """
-import pathlib, resource, sys
+import pathlib, sys
 import numpy as np
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
 sys.path.insert(0, sys.argv[3])
 from edgepipe.runtimes import get_runtime
 runtime = get_runtime(sys.argv[1])
-if sys.argv[2] != "-":
-    s = runtime.load(pathlib.Path(sys.argv[2]))
-    s.run({"input_ids": np.full((1, 512), 2000, np.int64), "attention_mask": np.ones((1, 512), np.int64)})
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+before = rss()
+s = runtime.load(pathlib.Path(sys.argv[2]))
+s.run({"input_ids": np.full((1, 512), 2000, np.int64), "attention_mask": np.ones((1, 512), np.int64)})
+print(rss() - before)
 """
 
 
@@ -105,8 +108,8 @@ def time_sessions(sessions: dict[str, object], feeds: dict, rounds: int, per_rou
     return {k: round(float(np.median(v)), 2) for k, v in times.items()}
 
 
-def peak_rss_mb(runtime: str, artifact: Path | str) -> float:
-    """Peak RSS (MB) of a fresh process that loads ``artifact`` and runs 1x512 once (``"-"``: imports only)."""
+def session_rss_mb(runtime: str, artifact: Path) -> float:
+    """Resident memory (MB) a fresh process gains by loading ``artifact`` and running 1x512 once."""
     repo = str(Path(__file__).resolve().parents[1])
     out = subprocess.run(
         [sys.executable, "-c", RSS_CHILD, runtime, str(artifact), repo], capture_output=True, text=True, check=True
@@ -149,7 +152,7 @@ def main() -> int:
             print(f"skip {runtime_name}: {exc}", file=sys.stderr)
             continue
         target = load_target(TARGETS[runtime_name])
-        sessions, runtime_rows, base_rss = {}, [], None
+        sessions, runtime_rows = {}, []
         for plan in args.plans.split(","):
             if plan not in runtime.precisions():
                 continue
@@ -188,9 +191,7 @@ def main() -> int:
             }
             if runtime.same_machine(target):
                 sessions[plan] = session
-                if base_rss is None:
-                    base_rss = peak_rss_mb(runtime_name, "-")
-                row["peak_rss_mb"] = round(peak_rss_mb(runtime_name, artifact) - base_rss, 1)
+                row["rss_mb"] = round(session_rss_mb(runtime_name, artifact), 1)
             runtime_rows.append(row)
         for shape in SHAPES:
             ms = time_sessions(sessions, feeds[shape], args.rounds, args.per_round) if sessions else {}
@@ -239,7 +240,7 @@ def print_table(name: str, rows: list[dict]) -> None:
             f"{r['runtime']:<12} {r['plan']:<12} {f(r.get('ms_1x128'), '9.1f')} {f(r.get('ms_1x512'), '9.1f')} "
             f"{ratio:>11} {r['vs_teacher']['mean_cosine']:9.4f} {r['vs_teacher']['min_cosine']:8.4f} "
             f"{r['drop_vs_fp32_model']:8.4f} {f(r['int8_coverage'], '8.2f')} {r['bytes'] / 1e6:7.1f} "
-            f"{f(r.get('peak_rss_mb'), '7.0f')}"
+            f"{f(r.get('rss_mb'), '7.0f')}"
         )
     print("x fp32 = ms ratio vs the same runtime's fp32 at 1x128/1x512; tensorrt rows: CPU proxy, no device timing")
 
