@@ -200,11 +200,14 @@ def lower_xnnpack(model: nn.Module, inputs: tuple[Tensor, ...], dynamic_shapes: 
 
 @pytest.mark.parametrize("form", list(FORMS))
 def test_executorch_xnnpack_takes_the_block_as_one_subgraph_and_matches_eager(form: str) -> None:
+    """Windowed and linear lower as one delegated subgraph. Full attention keeps ORT's fusable 4-D matmul form
+    (ORT is the default target), which XNNPACK takes in a few subgraphs: its ``expand`` stays outside."""
     pytest.importorskip("executorch.exir")
     model = Block(form).eval()
     x, mask = block_inputs(48)
     method, delegates = lower_xnnpack(model, (x, mask))
-    assert delegates == 1, f"{form}: XNNPACK split the block into {delegates} delegated subgraphs"
+    most = 3 if form == "full" else 1
+    assert 1 <= delegates <= most, f"{form}: XNNPACK split the block into {delegates} delegated subgraphs"
     torch.testing.assert_close(method.execute([x, mask])[0], eager(model, x, mask), atol=1e-4, rtol=0)
 
 

@@ -20,8 +20,11 @@ as much as the QKᵀ GEMM itself. Keep the QKᵀ and attention·V GEMMs in float
 carry the mask column; quantizing them also collapses fidelity, FACTS.md).
 
 Dynamic sequence length: ONNX Runtime handles any length (the form pads inside). ``torch.export`` of a
-reshape-into-blocks form only succeeds for ``seq = w * Dim("blocks")``; the host pads inputs to a multiple of
-``w`` (with ``key_mask`` zeros) for ExecuTorch. :func:`export_seq_dim` builds that Dim.
+reshape-into-blocks form only succeeds for ``seq = w * Dim("blocks")`` (a free Dim fails on guards); the host
+pads inputs to a multiple of ``w`` (with ``key_mask`` zeros) for ExecuTorch. :func:`export_seq_dim` builds that
+Dim; the example input needs at least 2 blocks (export specialises a size of 1). Such a dynamic export lowers to
+XNNPACK in several delegated subgraphs (ExecuTorch 1.5.1's partitioner delegates no slice of a dynamically
+shaped tensor); a static-shape export (one padded length) lowers as one.
 """
 
 from __future__ import annotations
@@ -91,16 +94,24 @@ def windowed_attention(
     if causal:
         scores = scores + _causal_block_bias(w, q.dtype, q.device)
     out = torch.bmm(torch.softmax(scores, dim=-1), vb).reshape(b, h, -1, d)  # (b, h, blocks * w, d)
-    return out if statically_known_true(n_pad == n) else out[:, :, :n]
+    return out if _known_equal(n_pad, n) else out[:, :, :n]
+
+
+def _known_equal(a, b) -> bool:
+    """``a == b`` when known at trace time; False when unknown, e.g. traced tensor sizes under the TorchScript ONNX
+    exporter (the caller then slices, which is a no-op when the sizes are equal)."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return False
+    return statically_known_true(a == b)
 
 
 def _pad_seq(x: Tensor, before: int, after: int) -> Tensor:
     """x: (b, h, n, c) -> (b, h, before + n + after, c) with zeros, by cat (never F.pad; see module docstring)."""
     parts = []
-    if not statically_known_true(before == 0):
+    if not _known_equal(before, 0):
         parts.append(x.new_zeros(x.shape[0], x.shape[1], before, x.shape[3]))
     parts.append(x)
-    if not statically_known_true(after == 0):
+    if not _known_equal(after, 0):
         parts.append(x.new_zeros(x.shape[0], x.shape[1], after, x.shape[3]))
     return torch.cat(parts, dim=2) if len(parts) > 1 else x
 
