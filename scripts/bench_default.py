@@ -2,7 +2,8 @@
 
 Where the ``optimum`` extra is installed (its own environment: optimum-onnx pins transformers < 4.58), two more rows
 show what a user gets from optimum-cli for the teacher: ``optimum-cli export onnx --task feature-extraction`` (fp32)
-and ``optimum-cli onnxruntime quantize --avx512`` on it (dynamic int8), with the mean pooling a user adds in numpy.
+and ``optimum-cli onnxruntime quantize --avx512`` on it (dynamic int8); Optimum exports this sentence-transformers
+checkpoint with its pooling and normalisation in the graph, as edgepipe does (else the rows pool in numpy).
 Every row also gets its fidelity: mean / min cosine of its sentence embeddings vs the PyTorch teacher on 64 held-back
 sentences, so speed is compared at known fidelity.
 
@@ -85,7 +86,10 @@ def optimum_candidates(teacher_dir: Path, work: Path, target, threads: int) -> d
         ("optimum-cli quantize --avx512 (teacher)", work / "optimum-int8" / "model_quantized.onnx"),
     ):
         session = ort_rt.load(path, target, threads=threads)
-        rows[name] = lambda f, s=session: mean_pool(s.run(f)["last_hidden_state"], f["attention_mask"])
+        if "sentence_embedding" in session.output_names:  # a sentence-transformers checkpoint: pooled in the graph
+            rows[name] = lambda f, s=session: s.run(f)["sentence_embedding"]
+        else:
+            rows[name] = lambda f, s=session: mean_pool(s.run(f)["last_hidden_state"], f["attention_mask"])
     return rows
 
 

@@ -71,8 +71,10 @@ def _save_gpt2(path: Path) -> Path:
     bpe = ByteLevelBPETokenizer()
     lines = (REPO / "calibration_data" / "train.txt").read_text(encoding="utf-8").splitlines()[:2000]
     bpe.train_from_iterator(lines, vocab_size=512, min_frequency=2, special_tokens=["<|endoftext|>"])
-    bpe.save_model(str(path))
-    tok = transformers.GPT2TokenizerFast(vocab_file=str(path / "vocab.json"), merges_file=str(path / "merges.txt"))
+    bpe.save(str(path / "tokenizer.json"))
+    special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), **special)
+    assert len(tok) == 512  # what the model's embedding table is sized for
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=64, n_layer=2, n_head=4)
     transformers.GPT2LMHeadModel(cfg).eval().save_pretrained(path)

@@ -504,6 +504,16 @@ class _ForeignBuild:
             hint="Pick another --target (see `edgepipe targets`) or another --task.",
         )
 
+    def check_vocab(self, batches: list[dict[str, np.ndarray]]) -> None:
+        """Token ids must fit the model's embedding table (a mismatched tokenizer fails here, in one line)."""
+        vocab = self.hf.get("vocab_size")
+        top = max((int(b["input_ids"].max()) for b in batches if "input_ids" in b), default=-1)
+        if vocab and top >= vocab:
+            raise ModelError(
+                f"{self.checkpoint}: the tokenizer produces id {top}, beyond config.json's vocab_size {vocab}.",
+                hint="Save the tokenizer the model was trained with beside it (tokenizer.json).",
+            )
+
     # -- the build ----------------------------------------------------------------------------------------------
     def run(self):
         if self.target.runtime == "executorch":
@@ -530,6 +540,7 @@ class _ForeignBuild:
         inputs = Inputs(self.checkpoint, [i["name"] for i in io["inputs"]], self.recipe.validate.max_len)
         names = [o["name"] for o in io["outputs"]]
         held = inputs.batches("validation", self.held_out_n)
+        self.check_vocab(held)
         precision = self.cfg.precision
         while True:
             lowered = self.lower_onnx(export, precision, inputs, names, held)
@@ -817,6 +828,7 @@ class _ForeignBuild:
         if precision != self.cfg.precision:
             self.records[-1]["decision"] = f"optimum-executorch has no {self.cfg.precision} plan: built {precision}"
         samples = [self._et_feeds(inputs, i) for i in range(self.held_out_n)]
+        self.check_vocab(samples)  # an out-of-range id aborts ExecuTorch's runtime, and the process with it
 
         def validate(out: Path) -> dict:
             method = _et_method(lowered.dir / "model.pte")
