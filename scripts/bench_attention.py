@@ -286,7 +286,14 @@ def bench(args: argparse.Namespace) -> list[dict]:
                     prefix = str(tmp / f"prof-{scope}-{form}-{variant}") if args.profile else None
                     sessions[form, variant] = ort_session(path, prefix)
             for n in args.ns:
-                rows += bench_n(args, runtime, scope, n, variants, sessions)
+                new = bench_n(args, runtime, scope, n, variants, sessions)
+                rows += new
+                # A full variant 3x slower than the best full variant only grows the run: drop it for larger n.
+                full = {r["variant"]: r["ms"] for r in new if r["form"] == "full"}
+                for variant, ms in full.items():
+                    if ms > 3 * min(full.values()):
+                        print(f"  drop {runtime}/{scope}/full[{variant}] for n > {n}: 3x slower than the best full")
+                        variants.pop(("full", variant))
             if args.profile:
                 for (form, variant), session in sessions.items():
                     print(f"  profile {runtime}/{scope}/{form}[{variant}] (all n together):")

@@ -14,7 +14,8 @@ not delegated either (FACTS.md); ``phi`` is written as ``relu(x) + exp(min(x, 0)
 
 Padded keys (``key_mask`` 0) get ``phi(k) = 0`` and so add nothing to ``S`` or ``z``. The causal form pads the
 sequence to whole chunks inside; for ``torch.export`` that means ``seq = chunk * Dim(...)`` like the blocked
-windowed form. The bidirectional form has no blocks and exports with a free ``Dim``.
+windowed form. The bidirectional form has no blocks: it exports with a free ``Dim`` and lowers to XNNPACK as one
+delegated subgraph even with a dynamic sequence length.
 """
 
 from __future__ import annotations
