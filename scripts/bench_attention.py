@@ -7,12 +7,15 @@ full attention each runtime offers, measured per n:
 - eager: ``F.scaled_dot_product_attention`` (flash kernel) or matmul + softmax;
 - onnxruntime: ORT's contrib ``MultiHeadAttention`` (com.microsoft, graph built with onnx.helper from the same
   weights) or the plain matmul + softmax export;
-- executorch: ExecuTorch's ``llama::custom_sdpa`` kernel, ``F.scaled_dot_product_attention`` or matmul + softmax,
-  each lowered with the XNNPACK partitioner.
+- executorch: ExecuTorch's ``llama::custom_sdpa`` kernel, ``F.scaled_dot_product_attention``, matmul + softmax
+  as 4-D matmul (edgepipe's form) or 3-D bmm, or 3-D bmm over query chunks of 1024 (bounded memory), each lowered
+  with the XNNPACK partitioner (static shapes: one program per n).
 
 Forms that materialise the (heads, n, n) score tensor are skipped where it would exceed ``--max-scores-gb``
-(the machine is shared); the skip is printed. Prints ms, µs per token, the ratio full/form and the FLOP ratio
-beside it (the bound); ``--json FILE`` writes rows ``{"runtime","scope","form","n","ms","gflop"}``.
+(the machine is shared), and a full variant 3x slower than the best at one n is dropped for larger n; both are
+printed. All variants of one (runtime, scope, n) are timed round-robin (median of --repeats). Prints ms,
+µs per token, the ratio full/form and the FLOP ratio beside it (the bound); ``--json FILE`` writes rows
+``{"runtime","scope","form","n","ms","gflop"}``.
 
     python scripts/bench_attention.py                                   # everything (tens of minutes)
     python scripts/bench_attention.py --ns 1024 4096 --runtimes onnxruntime --repeats 3
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -59,13 +63,22 @@ def _custom_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return torch.ops.llama.custom_sdpa(q, k, v, 0, None, 0.0, False, None)
 
 
+def _full_bmm(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Full attention as explicit 3-D bmm + softmax + bmm: XNNPACK takes it as one delegated subgraph (edgepipe's
+    full_attention keeps the 4-D matmul that ORT's optimizer fuses; XNNPACK leaves its ``expand`` outside)."""
+    b, h, n, d = q.shape
+    n_k = k.shape[-2]
+    scores = torch.bmm(q.reshape(b * h, n, d) * (1.0 / math.sqrt(d)), k.reshape(b * h, n_k, d).transpose(1, 2))
+    return torch.bmm(torch.softmax(scores, dim=-1), v.reshape(b * h, n_k, d)).reshape(b, h, n, d)
+
+
 def _query_chunked(q: Tensor, k: Tensor, v: Tensor, chunk: int = 1024) -> Tensor:
     """Full attention over query chunks (a static Python loop): (heads, chunk, n) scores at a time, not (heads, n, n).
 
     Same FLOPs as full attention; what a static-shape export can do where the whole score tensor does not fit.
     """
     n = q.shape[-2]
-    return torch.cat([full_attention(q[:, :, i : i + chunk], k, v) for i in range(0, n, chunk)], dim=2)
+    return torch.cat([_full_bmm(q[:, :, i : i + chunk], k, v) for i in range(0, n, chunk)], dim=2)
 
 
 class Block(nn.Module):
@@ -115,6 +128,7 @@ def mixers(runtime: str, window: int) -> dict[str, dict[str, tuple[Callable[...,
         import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (registers llama::custom_sdpa)
 
         full["custom_sdpa"] = (_custom_sdpa, True)
+        full["bmm"] = (_full_bmm, False)
         full["chunked"] = (_query_chunked, False)
     return {
         "full": full,
@@ -125,7 +139,7 @@ def mixers(runtime: str, window: int) -> dict[str, dict[str, tuple[Callable[...,
 
 def materialises_scores(runtime: str, variant: str) -> bool:
     """True where the variant holds the whole (heads, n, n) score tensor in memory."""
-    return variant == "plain" or (runtime == "executorch" and variant == "sdpa")
+    return variant in ("plain", "bmm") or (runtime == "executorch" and variant == "sdpa")
 
 
 # ---------------------------------------------------------------- FLOPs

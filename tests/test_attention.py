@@ -155,15 +155,21 @@ def onnx_dir(tmp_path_factory) -> object:
     return tmp_path_factory.mktemp("onnx")
 
 
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
 @pytest.mark.parametrize("form", list(FORMS))
-def test_onnx_export_matches_eager_at_any_length(form: str, onnx_dir) -> None:
+def test_onnx_export_matches_eager_at_any_length(form: str, dynamo: bool, onnx_dir) -> None:
     ort = pytest.importorskip("onnxruntime")
     model = Block(form).eval()
-    path = onnx_dir / f"{form}.onnx"
-    seq = torch.export.Dim("seq", min=1, max=4096)
-    torch.onnx.export(model, block_inputs(48), dynamo=True, dynamic_shapes=({1: seq}, {1: seq}), verbose=False).save(
-        str(path)
-    )
+    path = onnx_dir / f"{form}-{dynamo}.onnx"
+    if dynamo:
+        seq = torch.export.Dim("seq", min=1, max=4096)
+        program = torch.onnx.export(model, block_inputs(48), dynamo=True, dynamic_shapes=({1: seq}, {1: seq}))
+        program.save(str(path))
+    else:
+        axes = {"x": {1: "seq"}, "mask": {1: "seq"}}
+        torch.onnx.export(
+            model, block_inputs(48), str(path), dynamo=False, input_names=["x", "mask"], dynamic_axes=axes
+        )
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from edgepipe.attention.windowed import _known_equal  # sizes may be traced tensors (TorchScript ONNX exporter)
 
 EPS = 1e-6  # keeps rows whose keys are all padding at 0 instead of 0 / 0
 
@@ -73,7 +74,7 @@ def _causal_chunked(qf: Tensor, kf: Tensor, v: Tensor, c: int) -> tuple[Tensor, 
     dv = v.shape[-1]
     chunks = (n + c - 1) // c  # not -(-n // c): the ONNX exporter turns SymInt // into truncating Div
     pad = chunks * c - n
-    if not statically_known_true(pad == 0):
+    if not _known_equal(pad, 0):
         # Padded keys sit after every real query, so the causal mask already hides them.
         qf, kf, v = (torch.cat([t, t.new_zeros(b, h, pad, t.shape[-1])], dim=2) for t in (qf, kf, v))
     qc = qf.reshape(-1, c, d)  # (b*h*chunks, c, d)
@@ -93,7 +94,7 @@ def _causal_chunked(qf: Tensor, kf: Tensor, v: Tensor, c: int) -> tuple[Tensor, 
     num = num + torch.bmm(qc, _prefix(tri, torch.bmm(kt, vc), b * h))  # states (b*h*chunks, d, dv)
     den = den + torch.bmm(qc, _prefix(tri, torch.bmm(kt, ones), b * h))  # normaliser states (b*h*chunks, d, 1)
     num, den = num.reshape(b * h, -1, dv), den.reshape(b * h, -1, 1)
-    if statically_known_true(pad == 0):
+    if _known_equal(pad, 0):
         return num, den
     return num[:, :n], den[:, :n]
 
