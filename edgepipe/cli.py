@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edgepipe.errors import EdgepipeError
@@ -29,9 +30,9 @@ class _Group(click.Group):
         except EdgepipeError as exc:
             if ctx.params.get("debug"):
                 raise
-            err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
             if exc.hint:
-                err_console.print(f"[dim]hint:[/] {exc.hint}", highlight=False)
+                err_console.print(f"[dim]hint:[/] {escape(exc.hint)}", highlight=False)  # "edgepipe[x]" is not markup
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             err_console.print("interrupted: nothing was written to the bundle directory.")

@@ -159,8 +159,8 @@ def require_exporter(runtime: str) -> None:
         found = False
     if not found:
         raise MissingExtraError(
-            f"{what}, needed to export non-BERT checkpoints to {runtime} targets, "
-            f"(in its own environment: it cannot share one with {clash}; their transformers pins differ)",
+            f"{what} (needed for non-BERT checkpoints on {runtime} targets; give it an environment of its own: "
+            f"its transformers pin clashes with {clash}'s)",
             extra,
         )
 
