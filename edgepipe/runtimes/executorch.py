@@ -58,7 +58,8 @@ BACKEND_PRECISIONS = {
 }
 STATIC = ("w8a8", "int8-fp16")
 MAX_BATCH = 64  # upper bound of the exported batch Dim; the session splits larger batches
-SEARCH_SAMPLES = 128  # held-back sentences used for per-layer sensitivity and the runtime check of a plan
+SENSITIVITY_SAMPLES = 64  # held-back sentences for the one-layer-at-a-time sensitivity (one pass per Linear)
+SEARCH_SAMPLES = 128  # held-back sentences for the budget search steps and the runtime check of a plan
 SEARCH_MARGIN = 0.8  # the PyTorch search aims at 80% of the budget: XNNPACK's int8 rounding differs slightly
 PROXY_SAMPLES = 64  # held-back sentences run on the TOSA reference model (an interpreter: slow per sentence)
 OUTPUT = "sentence_embedding"
@@ -253,12 +254,18 @@ class HalfEncoder(nn.Module):
     """An encoder with fp16 weights and compute: int64 ids and mask in, an fp32 unit-length embedding out.
 
     ``Encoder.forward`` casts the mask to fp32, which would mix dtypes in a half model; this runs the same layers
-    with an fp16 mask and pools in fp32 (a sum over up to 512 tokens).
+    with an fp16 mask and pools in fp32 (a sum over up to 512 tokens). LayerNorms compute in fp32: XNNPACK does not
+    delegate them, and ExecuTorch's portable fp16 kernel overflows on MiniLM's residual stream (|x| reaches ~200
+    after ffn_out, its squares summed over 384 channels pass fp16's 65504) and returns NaN.
     """
 
     def __init__(self, encoder: nn.Module) -> None:
         super().__init__()
         self.enc = copy.deepcopy(encoder).half()
+        for module in list(self.enc.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, nn.LayerNorm):
+                    setattr(module, name, Fp32LayerNorm(child))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         from edgepipe.models.transformer import mean_pool_normalize
@@ -268,6 +275,17 @@ class HalfEncoder(nn.Module):
         for layer in self.enc.layers:
             x = layer(x, mask)
         return mean_pool_normalize(x.float(), attention_mask.to(torch.float32))
+
+
+class Fp32LayerNorm(nn.Module):
+    """LayerNorm in fp32 inside an fp16 graph: x: (..., hidden) any float dtype -> same dtype."""
+
+    def __init__(self, norm: nn.LayerNorm) -> None:
+        super().__init__()
+        self.norm = copy.deepcopy(norm).float()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x.float()).to(x.dtype)
 
 
 def seq_multiple(model: nn.Module) -> int:
@@ -479,22 +497,28 @@ class Int8Fit:
             self.int8, self.moved = frozenset(names), []
             self.drop = self.measure(self.int8)
             return
-        self.sensitivity = q.rank_sensitivity(names, self.measure)
+        few = _first_rows(self.held, self.ref, SENSITIVITY_SAMPLES)
+        self.sensitivity = q.rank_sensitivity(names, lambda s: self.measure(s, *few))
         fit = q.fit_budget(names, self.sensitivity, self.measure, self.budget * SEARCH_MARGIN)
         self.int8, self.moved, self.drop, self.steps = fit.int8, list(fit.moved), fit.drop, fit.steps
 
-    def measure(self, int8: frozenset[str]) -> float:
+    def measure(self, int8: frozenset[str], held: list[dict] | None = None, ref: np.ndarray | None = None) -> float:
+        """Held-back drop with ``int8`` simulated (on ``SEARCH_SAMPLES`` sentences unless ``held``/``ref`` given)."""
         from edgepipe.stages.quantize import cosine_drop
 
         with self.sim.int8(int8):
-            return round(cosine_drop(embed_torch(self.model, self.held), self.ref), 6)
+            held = self.held if held is None else held
+            return round(cosine_drop(embed_torch(self.model, held), self.ref if ref is None else ref), 6)
 
     def check(self, session) -> float:
         """The held-back drop of the lowered program in its runtime."""
         from edgepipe.stages.quantize import cosine_drop
         from edgepipe.stages.validate import embed_session
 
-        return round(cosine_drop(embed_session(session, self.held), self.ref), 6)
+        out = embed_session(session, self.held)
+        if not np.isfinite(out).all():  # max(0, 1 - nan) would read as "no drop"
+            return 1.0
+        return round(cosine_drop(out, self.ref), 6)
 
     def demote(self) -> None:
         """Move the most sensitive layer still in int8 out of it (the runtime broke the budget)."""
@@ -517,6 +541,7 @@ class Int8Fit:
             "checked_in": "ExecuTorch runtime" if self.runtime_drop is not None else None,
             "steps": self.steps,
             "sentences": len(self.ref),
+            "sensitivity_sentences": min(len(self.ref), SENSITIVITY_SAMPLES),
         }
 
 
@@ -843,7 +868,7 @@ def _tosa_reference(edge, graphs: dict[bytes, bytes], spec, quant: QuantInputs, 
     from edgepipe.stages.quantize import cosine_drop
 
     return {
-        "drop": round(cosine_drop(outputs, ref), 6),
+        "drop": round(cosine_drop(outputs, ref), 6) if np.isfinite(outputs).all() else 1.0,
         "runtime": "TOSA reference model",
         "tosa_spec": str(tosa_spec),
         "samples": len(outputs),
