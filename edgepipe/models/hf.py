@@ -214,4 +214,3 @@ def save_encoder(model: Encoder, path: Path | str, tokenizer: Path | None = None
     if tokenizer is not None:
         (path / "tokenizer.json").write_bytes(Path(tokenizer).read_bytes())
     return path
-
