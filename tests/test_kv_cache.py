@@ -146,3 +146,44 @@ def test_quantize_saturates_and_rejects_non_full_attention(trained, scales):
     )
     with pytest.raises(UsageError, match="full attention"):
         TieredDecoder(windowed, scales)
+
+
+def test_tiered_decode_graph_runs_in_onnxruntime_like_eager(trained, scales, held_back, tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    from edgepipe.models.decoder import DecodeGraph
+    from edgepipe.runtimes.onnxruntime import export_onnx
+
+    model, _ = trained
+    tiered = TieredDecoder(model, scales, active=16)
+    _, *state = tiered.prefill(held_back[:, :40])
+    names = list(tiered.state_names)
+    step_in = (held_back[:, 40:41], torch.tensor([40]), *state)
+    path = tmp_path / "tiered-decode.onnx"
+    export_onnx(
+        DecodeGraph(tiered),
+        step_in,
+        path,
+        ["input_ids", "position", *names],
+        ["logits", *[n + "_out" for n in names]],
+        {},
+    )
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    assert [i.type for i in session.get_inputs()][2:] == [
+        "tensor(int8)",
+        "tensor(int8)",
+        "tensor(float16)",
+        "tensor(float16)",
+        "tensor(float16)",
+    ]
+    for t in range(40, 60):  # 20 steps: tokens move from the active region into the INT8 archive inside the graph
+        with torch.no_grad():
+            want = tiered.step(*step_in)
+        feed = dict(zip(["input_ids", "position", *names], step_in))
+        got = session.run(None, {i.name: feed[i.name].numpy() for i in session.get_inputs()})
+        assert np.abs(got[0] - want[0].numpy()).max() < 1e-3
+        assert all(np.array_equal(g, w.numpy()) for g, w in zip(got[1:3], want[1:3]))  # same INT8 codes
+        step_in = (held_back[:, t + 1 : t + 2], torch.tensor([t + 1]), *(torch.from_numpy(g) for g in got[1:]))
