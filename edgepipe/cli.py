@@ -152,8 +152,13 @@ def _key_metrics(rec: dict) -> str:
     if rec["stage"] == "validate":
         return f"vs teacher {_fmt_cos(met.get('vs_teacher'))}, vs pytorch {_fmt_cos(met.get('vs_pytorch'))}"
     if rec["stage"] == "lower":
-        fused = met.get("report", {}).get("fused_ops")
-        return f"{met.get('bytes', 0) / 1e6:.1f} MB" + (f", fused {fused}" if fused else "")
+        report = met.get("report", {})
+        fused, coverage = report.get("fused_ops"), report.get("int8_coverage", {}).get("total")
+        return (
+            f"{met.get('bytes', 0) / 1e6:.1f} MB"
+            + (f", fused {fused}" if fused else "")
+            + (f", int8 on {coverage:.0%} of GEMM FLOPs" if coverage is not None else "")
+        )
     if rec["stage"] == "distill":
         return f"held-back {_fmt_cos(met.get('held_out'))}, {met.get('steps', '?')} steps"
     if rec["stage"] == "latency":
@@ -232,10 +237,23 @@ def inspect(bundle: Path) -> None:
     for rec in m["stages"]:
         stages.add_row(rec["stage"], f"{rec['seconds']:.1f}", "hit" if rec["cache_hit"] else "ran", _key_metrics(rec))
     console.print(stages)
+    plan = next((r["metrics"].get("report", {}).get("plan") for r in m["stages"] if r["stage"] == "lower"), None)
+    if plan:
+        _print_plan(plan)
     files = Table("file", "bytes", "sha256", title="files (sha256 verified)", title_justify="left")
     for rel, rec in m["files"].items():
         files.add_row(rel, f"{rec['bytes']:,}", rec["sha256"][:16] + "…")
     console.print(files)
+
+
+def _print_plan(plan: list[dict]) -> None:
+    """The per-layer precision plan of a lowered graph: what was asked, what runs, and why."""
+    table = Table("layer", "precision", "runs as", "int8 drop", "why", title="precision plan", title_justify="left")
+    for lp in plan:
+        drop = lp.get("sensitivity")
+        runs_as = lp.get("runs_as", lp["precision"])
+        table.add_row(lp["layer"], lp["precision"], runs_as, "" if drop is None else f"{drop:.5f}", lp.get("why", ""))
+    console.print(table)
 
 
 @cli.command()

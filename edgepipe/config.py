@@ -172,10 +172,12 @@ class DistillConfig:
     lr: float = 3e-4
     warmup_steps: int = 50
     max_len: int = 128
-    hidden_weight: float = 1.0  # weight of the per-layer hidden-state loss beside the embedding loss
+    hidden_weight: float = 1.0  # weight of the per-layer pooled hidden-state loss beside the embedding loss
+    token_weight: float = 0.0  # weight of the last layer's per-token state loss (caches every token's target)
     train_embeddings: bool = False  # frozen teacher embeddings keep unseen words where the teacher put them
     seed: int = 0
     data: str = "train.txt"
+    sentences: int = 0  # distinct training sentences (teacher targets computed once each); 0: steps * batch_size
 
 
 @dataclass(frozen=True)

@@ -221,7 +221,8 @@ class _Build:
             "data": data_sha,
         }
         d = recipe.distill
-        targets_key = digest([teacher_hash, data_sha, d.max_len, d.steps * d.batch_size, d.seed, recipe.student.layers])
+        n = d.sentences or d.steps * d.batch_size
+        targets_key = digest([teacher_hash, data_sha, d.max_len, n, d.seed, recipe.student.layers, d.token_weight > 0])
 
         def run(out: Path) -> dict:
             return distill(

@@ -12,11 +12,18 @@ import pytest
 import torch
 
 from edgepipe.config import DistillConfig, StudentConfig
-from edgepipe.data import batches, load_tokenizer, read_sentences
+from edgepipe.data import batches, encode, load_tokenizer, read_sentences
 from edgepipe.errors import BuildError
 from edgepipe.models.hf import load_encoder
 from edgepipe.progress import Progress
-from edgepipe.stages.distill import distill, load_student, make_student
+from edgepipe.stages.distill import (
+    distill,
+    length_grouped_batches,
+    load_student,
+    make_student,
+    teacher_targets,
+    token_lengths,
+)
 from edgepipe.stages.validate import compare, embed_torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,3 +121,28 @@ def test_distill_runs_data_parallel_under_torchrun(tmp_path, tiny_checkpoint):
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 4 and np.isfinite(metrics["final_loss"])
     assert load_student(tmp_path / "out").cfg.layers == 2
+
+
+def test_length_grouped_batches_see_every_sentence_once_per_epoch_and_pad_little(teacher_dir):
+    tok = load_tokenizer(teacher_dir / "tokenizer.json", 128)
+    lengths = token_lengths(tok, read_sentences("train.txt", 2048))
+    plan = length_grouped_batches(lengths, 32, 2 * 2048 // 32, seed=0)
+    epoch1, epoch2 = np.concatenate(plan[:64]), np.concatenate(plan[64:])
+    assert sorted(epoch1) == sorted(epoch2) == list(range(2048))
+    assert [b.tolist() for b in plan] == [b.tolist() for b in length_grouped_batches(lengths, 32, 128, seed=0)]
+    grouped = np.mean([lengths[b].max() for b in plan])
+    random_batches = np.mean([lengths[b].max() for b in np.random.default_rng(0).permutation(2048).reshape(-1, 32)])
+    assert grouped < 0.6 * random_batches, (grouped, random_batches)
+
+
+def test_teacher_token_targets_hold_each_sentences_own_states(tiny_teacher, teacher_dir):
+    tok = load_tokenizer(teacher_dir / "tokenizer.json", 64)
+    sentences = read_sentences("validation.txt", 9)
+    targets = teacher_targets(tiny_teacher, tok, sentences, [0], Progress(quiet=True), tokens=True)
+    offsets = targets["offsets"]
+    for i in (0, 4, 8):  # each sentence alone: no padding anywhere
+        b = encode(tok, [sentences[i]])
+        with torch.no_grad():
+            last = tiny_teacher.hidden_states(torch.from_numpy(b["input_ids"]), torch.from_numpy(b["attention_mask"]))
+        got = targets["tokens"][offsets[i] : offsets[i + 1]].astype(np.float32)
+        np.testing.assert_allclose(got, last[-1][0].numpy(), atol=2e-2, rtol=1e-2)

@@ -36,8 +36,8 @@ from edgepipe.models.transformer import Encoder, EncoderConfig
 STUDENT_WEIGHTS = "model.safetensors"
 STUDENT_CONFIG = "config.json"
 TEACHER_BATCH = 64
+GROUP_BATCHES = 16  # batches per length-sorted pool in length_grouped_batches
 CHECKPOINT_EVERY = 50
-ETA_AFTER = 3  # steps timed before the build says how long distillation will take
 
 
 def make_student(teacher: Encoder, cfg: StudentConfig) -> tuple[Encoder, list[int]]:
@@ -127,19 +127,66 @@ def _ffn_keep(layer, ffn: int) -> Tensor:
     return score.topk(ffn).indices.sort().values
 
 
-def teacher_targets(teacher: Encoder, tok, sentences: list[str], layers: list[int], progress) -> dict[str, np.ndarray]:
-    """Teacher sentence embeddings and mean-pooled hidden states of ``layers`` (fp16 to halve the cache)."""
-    emb, pooled = [], []
+def teacher_targets(
+    teacher: Encoder, tok, sentences: list[str], layers: list[int], progress, tokens: bool = False
+) -> dict[str, np.ndarray]:
+    """The teacher's targets for ``sentences``, fp16 to halve the cache.
+
+    ``embedding`` (n, hidden): sentence embeddings; ``pooled`` (n, len(layers), hidden): mean-pooled hidden states
+    of ``layers``; with ``tokens``, also the last layer's state of every token, ragged: ``tokens`` (total, hidden)
+    with sentence i at rows ``offsets[i]:offsets[i + 1]``. Sentences run in order of length, so a batch pads
+    little (random batches of MiniLM's training text pad to ~2.7x their mean length); rows keep the order of
+    ``sentences``.
+    """
+    dim = teacher.cfg.hidden
+    lengths = token_lengths(tok, sentences)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    emb = np.zeros((len(sentences), dim), np.float16)
+    pooled = np.zeros((len(sentences), len(layers), dim), np.float16)
+    states_out = np.zeros((offsets[-1] if tokens else 0, dim), np.float16)
+    order = np.argsort(lengths, kind="stable")
     teacher.eval()
     with progress.steps("teacher targets", math.ceil(len(sentences) / TEACHER_BATCH)) as bar, torch.no_grad():
         for i in range(0, len(sentences), TEACHER_BATCH):
-            b = encode(tok, sentences[i : i + TEACHER_BATCH])
+            rows = order[i : i + TEACHER_BATCH]
+            b = encode(tok, [sentences[r] for r in rows])
             ids, mask = torch.from_numpy(b["input_ids"]), torch.from_numpy(b["attention_mask"]).float()
             states = teacher.hidden_states(ids, mask)
-            emb.append(_pool_normalize(states[-1], mask).half().numpy())
-            pooled.append(torch.stack([_pool(states[li + 1], mask) for li in layers], 1).half().numpy())
+            emb[rows] = _pool_normalize(states[-1], mask).half().numpy()
+            pooled[rows] = torch.stack([_pool(states[li + 1], mask) for li in layers], 1).half().numpy()
+            if tokens:
+                last = states[-1].half().numpy()
+                for j, r in enumerate(rows):
+                    states_out[offsets[r] : offsets[r + 1]] = last[j, : lengths[r]]
             bar.advance()
-    return {"embedding": np.concatenate(emb), "pooled": np.concatenate(pooled)}
+    out = {"embedding": emb, "pooled": pooled}
+    return {**out, "tokens": states_out, "offsets": offsets} if tokens else out
+
+
+def token_lengths(tok, sentences: list[str]) -> np.ndarray:
+    """Tokens per sentence (after truncation), (n,) int."""
+    return np.array([sum(e.attention_mask) for e in tok.encode_batch(sentences)])
+
+
+def length_grouped_batches(lengths: np.ndarray, batch_size: int, steps: int, seed: int) -> list[np.ndarray]:
+    """``steps`` batches of row indices, each of sentences of similar length, in a seeded random order.
+
+    Each epoch shuffles the rows, cuts them into pools of ``GROUP_BATCHES`` batches, sorts each pool by length and
+    slices it into batches, then shuffles the batches: every row is seen once per epoch, and a batch pads to
+    little more than its mean length (the "length-grouped sampler" of HF's Trainer).
+    """
+    rng = np.random.default_rng(seed)
+    out: list[np.ndarray] = []
+    pool = batch_size * GROUP_BATCHES
+    while len(out) < steps:
+        rows = rng.permutation(len(lengths))
+        epoch = []
+        for i in range(0, len(rows), pool):
+            chunk = rows[i : i + pool]
+            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+            epoch += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+        out += [epoch[i] for i in rng.permutation(len(epoch)) if len(epoch[i]) == batch_size or len(epoch) == 1]
+    return out[:steps]
 
 
 def _pool(x: Tensor, mask: Tensor) -> Tensor:
@@ -200,37 +247,41 @@ def distill(
     tok = load_tokenizer(tokenizer_path, cfg.max_len)
     sentences = read_sentences(cfg.data)
     rng.shuffle(sentences)
-    sentences = sentences[: cfg.steps * cfg.batch_size]
+    sentences = sentences[: cfg.sentences or cfg.steps * cfg.batch_size]
+    lengths = token_lengths(tok, sentences)
+    plan = length_grouped_batches(lengths, cfg.batch_size, cfg.steps, cfg.seed)
     student, layer_map = make_student(teacher, student_cfg)
-
-    if world > 1 and rank != 0:
-        torch.distributed.barrier()  # rank 0 computes (or loads) the teacher targets and writes the cache first
-    targets = _cached_targets(teacher, tok, sentences, layer_map, progress, targets_cache)
-    if world > 1 and rank == 0:
-        torch.distributed.barrier()
-    before = _held_out_fidelity(student, held_out, held_out_teacher)
-
     if not cfg.train_embeddings:
         for emb in (student.word_embeddings, student.position_embeddings, student.token_type_embeddings):
             emb.weight.requires_grad_(False)
-    model = student
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(student)
+    before = _held_out_fidelity(student, held_out, held_out_teacher)
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.01)
     start = _resume(out_dir, student, opt)
-    order = list(range(len(sentences)))
+    if rank == 0 and start < cfg.steps:
+        cached = targets_cache is not None and targets_cache.is_file()
+        progress.note(_estimate(teacher, student, tok, sentences, lengths, plan, cfg, start, world, cached))
+
+    if world > 1 and rank != 0:
+        torch.distributed.barrier()  # rank 0 computes (or loads) the teacher targets and writes the cache first
+    targets = _cached_targets(teacher, tok, sentences, layer_map, progress, targets_cache, cfg.token_weight > 0)
+    if world > 1 and rank == 0:
+        torch.distributed.barrier()
+
+    model = HiddenStates(student)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
     history: list[float] = []
     t0 = time.perf_counter()
     with progress.steps("distill", cfg.steps) as bar:
         bar.set(start)
         for step in range(start, cfg.steps):
-            idx = [order[(step * cfg.batch_size + j) % len(order)] for j in range(cfg.batch_size)]
-            idx = idx[rank::world]
+            idx = plan[step][rank::world]
             batch = encode(tok, [sentences[i] for i in idx])
             ids, mask = torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["attention_mask"]).float()
             t_emb = torch.from_numpy(targets["embedding"][idx]).float()
             t_pool = torch.from_numpy(targets["pooled"][idx]).float()
-            loss = _loss(model, student, ids, mask, t_emb, t_pool, cfg.hidden_weight)
+            t_tok = _token_targets(targets, idx, ids.shape[1]) if cfg.token_weight else None
+            loss = _loss(model(ids, mask), mask, t_emb, t_pool, t_tok, cfg)
             for group in opt.param_groups:
                 group["lr"] = _lr(step, cfg)
             opt.zero_grad(set_to_none=True)
@@ -239,12 +290,6 @@ def distill(
             opt.step()
             history.append(loss.item())
             bar.advance(info=f"loss {np.mean(history[-20:]):.4f}")
-            if step == start + ETA_AFTER and rank == 0:
-                per_step = (time.perf_counter() - t0) / (ETA_AFTER + 1)
-                minutes = per_step * (cfg.steps - start) / 60
-                progress.note(
-                    f"distill: {cfg.steps - start} steps at {per_step:.2f} s/step here, about {minutes:.1f} min"
-                )
             if rank == 0 and (step + 1) % CHECKPOINT_EVERY == 0 and step + 1 < cfg.steps:
                 _checkpoint(out_dir, student, opt, step + 1)
     seconds_per_step = (time.perf_counter() - t0) / max(1, cfg.steps - start)
@@ -271,21 +316,80 @@ def distill(
     }
 
 
-def _loss(model, student: Encoder, ids, mask, t_emb, t_pool, hidden_weight: float) -> Tensor:
-    states = model.module.hidden_states(ids, mask) if hasattr(model, "module") else student.hidden_states(ids, mask)
+def _estimate(teacher, student, tok, sentences, lengths, plan, cfg: DistillConfig, start, world, cached) -> str:
+    """How long distillation will take here, from one teacher batch and two student steps timed now (~2 s).
+
+    The student steps run forward and backward without an optimizer step, so the weights are untouched.
+    """
+    typical = [sentences[i] for i in np.argsort(np.abs(lengths - np.median(lengths)))[:TEACHER_BATCH]]
+    b = encode(tok, typical)
+    ids, mask = torch.from_numpy(b["input_ids"]), torch.from_numpy(b["attention_mask"]).float()
+    t = time.perf_counter()
+    with torch.no_grad():
+        teacher.eval().hidden_states(ids, mask)
+    teacher_s = 0.0 if cached else (time.perf_counter() - t) * len(sentences) / TEACHER_BATCH
+    rows = plan[start][: max(1, cfg.batch_size // world)]
+    b = encode(tok, [sentences[i] for i in rows])
+    ids, mask = torch.from_numpy(b["input_ids"]), torch.from_numpy(b["attention_mask"]).float()
+    times = []
+    for _ in range(2):
+        t = time.perf_counter()
+        _pool(student.hidden_states(ids, mask)[-1], mask).square().sum().backward()
+        times.append(time.perf_counter() - t)
+    student.zero_grad(set_to_none=True)
+    # A batch's length is random; the plan's mean padded length over this batch's scales the timing.
+    mean_len = np.mean([lengths[p].max() for p in plan[start:]])
+    step_s = min(times) * mean_len / max(1, int(lengths[rows].max()))
+    steps_s = step_s * (cfg.steps - start)
+    where = "cached" if cached else f"{len(sentences)} sentences, ~{teacher_s / 60:.1f} min"
+    return (
+        f"distill: about {(teacher_s + steps_s) / 60:.1f} min here (teacher targets: {where}; "
+        f"{cfg.steps - start} steps at ~{step_s:.2f} s)"
+    )
+
+
+class HiddenStates(torch.nn.Module):
+    """``Encoder.hidden_states`` as ``forward``, so DistributedDataParallel sees (and syncs) the call."""
+
+    def __init__(self, encoder: Encoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> list[Tensor]:
+        return self.encoder.hidden_states(input_ids, attention_mask)
+
+
+def _token_targets(targets: dict[str, np.ndarray], idx: np.ndarray, seq: int) -> Tensor:
+    """The teacher's last-layer token states of sentences ``idx``, zero-padded to (len(idx), seq, hidden)."""
+    offsets, states = targets["offsets"], targets["tokens"]
+    out = np.zeros((len(idx), seq, states.shape[1]), np.float32)
+    for j, i in enumerate(idx):
+        rows = states[offsets[i] : offsets[i + 1]]
+        out[j, : len(rows)] = rows
+    return torch.from_numpy(out)
+
+
+def _loss(states: list[Tensor], mask: Tensor, t_emb, t_pool, t_tok, cfg: DistillConfig) -> Tensor:
+    """Embedding cosine + MSE, per-layer pooled-state MSE and, with token targets, last-layer token-state MSE."""
     emb = _pool_normalize(states[-1], mask)
     loss = (1 - (emb * t_emb).sum(-1)).mean() + F.mse_loss(emb, t_emb) * emb.shape[-1]
-    if hidden_weight:
+    if cfg.hidden_weight:
         pooled = torch.stack([_pool(s, mask) for s in states[1:]], 1)
-        loss = loss + hidden_weight * F.mse_loss(pooled, t_pool)
+        loss = loss + cfg.hidden_weight * F.mse_loss(pooled, t_pool)
+    if t_tok is not None:
+        err = (states[-1] - t_tok).square().mean(-1)  # (batch, seq)
+        loss = loss + cfg.token_weight * (err * mask).sum() / mask.sum()
     return loss
 
 
-def _cached_targets(teacher, tok, sentences, layers, progress, cache: Path | None) -> dict[str, np.ndarray]:
+def _cached_targets(
+    teacher, tok, sentences, layers, progress, cache: Path | None, tokens: bool
+) -> dict[str, np.ndarray]:
     if cache is not None and cache.is_file():
         with np.load(cache) as data:
-            return {k: data[k] for k in data.files}
-    targets = teacher_targets(teacher, tok, sentences, layers, progress)
+            if not tokens or "tokens" in data.files:
+                return {k: data[k] for k in data.files}
+    targets = teacher_targets(teacher, tok, sentences, layers, progress, tokens)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp.npz")
