@@ -93,6 +93,40 @@ def _writable_out(out_dir: Path) -> None:
         ) from None
 
 
+def run_stage(
+    cache: StageCache,
+    progress: Progress,
+    records: list[dict],
+    name: str,
+    payload: dict,
+    fn: Callable[[Path], dict],
+    label: str,
+    config: dict | None = None,
+    resumable: bool = False,
+) -> StageResult:
+    """Run one stage through the cache and append its manifest record to ``records``.
+
+    A resumable stage draws its own progress bars (rich allows one live display at a time), so it gets no spinner.
+    """
+    if resumable:
+        result = cache.run(name, payload, fn, resumable=True)
+    else:
+        with progress.stage(label):
+            result = cache.run(name, payload, fn)
+    records.append(
+        {
+            "stage": name,
+            "config": config if config is not None else payload,
+            "cache_key": result.key,
+            "cache_hit": result.cache_hit,
+            "seconds": round(result.meta.get("seconds", 0.0) if result.cache_hit else result.seconds, 3),
+            "metrics": {k: v for k, v in result.meta.items() if k != "seconds"},
+        }
+    )
+    progress.done(label, result)
+    return result
+
+
 class _Build:
     """One build's state: lazily loaded models and the stage records for the manifest."""
 
@@ -127,27 +161,8 @@ class _Build:
         config: dict | None = None,
         resumable: bool = False,
     ) -> StageResult:
-        """Run one stage through the cache and record it for the manifest.
-
-        A resumable stage draws its own progress bars (rich allows one live display at a time), so it gets no spinner.
-        """
-        if resumable:
-            result = self.cache.run(name, payload, fn, resumable=True)
-        else:
-            with self.progress.stage(label):
-                result = self.cache.run(name, payload, fn)
-        self.records.append(
-            {
-                "stage": name,
-                "config": config if config is not None else payload,
-                "cache_key": result.key,
-                "cache_hit": result.cache_hit,
-                "seconds": round(result.meta.get("seconds", 0.0) if result.cache_hit else result.seconds, 3),
-                "metrics": {k: v for k, v in result.meta.items() if k != "seconds"},
-            }
-        )
-        self.progress.done(label, result)
-        return result
+        """Run one stage through the cache and record it for the manifest (see ``run_stage``)."""
+        return run_stage(self.cache, self.progress, self.records, name, payload, fn, label, config, resumable)
 
     def validation_batches(self, tok) -> list[dict[str, np.ndarray]]:
         v = self.recipe.validate

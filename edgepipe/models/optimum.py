@@ -481,21 +481,10 @@ class _ForeignBuild:
         return self._model
 
     def stage(self, name: str, payload: dict, fn, label: str, config: dict | None = None) -> StageResult:
+        from edgepipe.pipeline import run_stage
+
         payload = {**payload, "optimum": optimum_versions()}
-        with self.progress.stage(label):
-            result = self.cache.run(name, payload, fn)
-        self.records.append(
-            {
-                "stage": name,
-                "config": config if config is not None else payload,
-                "cache_key": result.key,
-                "cache_hit": result.cache_hit,
-                "seconds": round(result.meta.get("seconds", 0.0) if result.cache_hit else result.seconds, 3),
-                "metrics": {k: v for k, v in result.meta.items() if k != "seconds"},
-            }
-        )
-        self.progress.done(label, result)
-        return result
+        return run_stage(self.cache, self.progress, self.records, name, payload, fn, label, config)
 
     def unsupported(self, works: str) -> BuildError:
         t = self.target
