@@ -23,8 +23,8 @@ from tokenizers import Tokenizer
 
 from edgepipe.data import read_sentences
 from edgepipe.models.hf_decoders import load_decoder
-from edgepipe.models.kv_cache import QMAX, TieredDecoder, cache_bytes, calibrate, decode_memory, quantize
-from edgepipe.stages.pretrain import encode_text, windows
+from edgepipe.models.kv_cache import QMAX, TieredDecoder, cache_bytes, calibrate_on_text, decode_memory, quantize
+from edgepipe.stages.pretrain import encode_text
 
 PREFILL = 64
 
@@ -77,9 +77,8 @@ def main() -> None:
     model_dir = args.model.expanduser()
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     stream = torch.from_numpy(encode_text(tok, read_sentences("validation.txt")))
-    calib = windows(encode_text(tok, read_sentences("calibration.txt")), 256)[: args.calibration_windows]
     base = load_decoder(model_dir)
-    scales = calibrate(base, [torch.from_numpy(calib[i : i + 8]) for i in range(0, len(calib), 8)])
+    scales = calibrate_on_text(base, tok, read_sentences("calibration.txt"), 256, args.calibration_windows)
     report = {"validation_tokens": len(stream), "granularity": scale_granularity(base, stream[:1024].reshape(1, -1))}
     print(json.dumps(report["granularity"], indent=1))
     rows = []
@@ -102,15 +101,14 @@ def main() -> None:
             t0 = time.perf_counter()
             logits = decode_logits(cfg, ids)
             seconds = time.perf_counter() - t0
+            plain_or_tiered = model if name in dtypes else cfg  # the fp16/fp32 references are plain float caches
             nll = F.cross_entropy(logits, targets, reduction="none")
             top1 = logits.argmax(-1)
             row = {
                 "context": n,
                 "cache": name,
-                "bytes": cache_bytes(model if name.startswith("fp") else cfg, n, dtype=dtypes.get(name, torch.float16))[
-                    "total"
-                ],
-                "decode_memory": decode_memory(cfg, n, cache_dtype=dtypes.get(name, torch.float16)),
+                "bytes": cache_bytes(plain_or_tiered, n, dtype=dtypes.get(name, torch.float16))["total"],
+                "decode_memory": decode_memory(plain_or_tiered, n, cache_dtype=dtypes.get(name, torch.float16)),
                 "ms_per_step": round(1000 * seconds / len(targets), 2),
                 "ppl": math.exp(nll.mean().item()),
                 "ppl_last_256": math.exp(nll[-256:].mean().item()),
@@ -122,7 +120,7 @@ def main() -> None:
                 row["ppl_by_position"] = {}
                 for lo, hi in ((PREFILL, 256), (256, 1024), (1024, 4096)):
                     part = nll[lo - PREFILL : hi - PREFILL]  # nll[j] scores the token at position PREFILL + j
-                    if len(part):
+                    if len(part) >= 32:  # a bucket of a few tokens says nothing
                         row["ppl_by_position"][f"{lo}-{hi}"] = math.exp(part.mean().item())
             else:
                 row["bytes_vs_fp16"] = row["bytes"] / fp16_bytes

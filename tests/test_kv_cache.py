@@ -10,9 +10,9 @@ from edgepipe.data import read_sentences
 from edgepipe.errors import UsageError
 from edgepipe.models.decoder import DecoderConfig, DecoderLM, generate
 from edgepipe.models.hf_decoders import load_decoder
-from edgepipe.models.kv_cache import TieredDecoder, cache_bytes, calibrate, decode_memory, quantize
+from edgepipe.models.kv_cache import TieredDecoder, cache_bytes, calibrate_on_text, decode_memory, quantize
 from edgepipe.progress import Progress
-from edgepipe.stages.pretrain import PretrainConfig, encode_text, pretrain, windows
+from edgepipe.stages.pretrain import PretrainConfig, encode_text, pretrain
 
 CACHE = 64  # total cache slots of the tiny model
 
@@ -41,8 +41,7 @@ def trained(tmp_path_factory) -> tuple[DecoderLM, object]:
 @pytest.fixture(scope="module")
 def scales(trained):
     model, tok = trained
-    calib = windows(encode_text(tok, read_sentences("calibration.txt", 200)), 32)[:16]
-    return calibrate(model, [torch.from_numpy(calib[i : i + 8]) for i in range(0, len(calib), 8)])
+    return calibrate_on_text(model, tok, read_sentences("calibration.txt", 200), seq_len=32, max_windows=16)
 
 
 @pytest.fixture(scope="module")

@@ -78,6 +78,21 @@ def calibrate(model: DecoderLM, batches: list[Tensor]) -> KVScales:
     return KVScales(k_absmax=k_max, v_absmax=v_max)
 
 
+def calibrate_on_text(
+    model: DecoderLM, tok, sentences: list[str], seq_len: int = 256, max_windows: int = 32, batch: int = 8
+) -> KVScales:
+    """``calibrate`` on real text: sentences joined with ``<|eos|>`` (``stages.pretrain.encode_text``), cut into
+    ``max_windows`` windows of ``seq_len`` tokens, prefilled ``batch`` windows at a time.
+
+    Raises:
+        UsageError: The text gives no full window.
+    """
+    from edgepipe.stages.pretrain import encode_text, windows
+
+    wins = windows(encode_text(tok, sentences), seq_len)[:max_windows]
+    return calibrate(model, [torch.from_numpy(wins[i : i + batch]) for i in range(0, len(wins), batch)])
+
+
 def quantize(x: Tensor, scale: Tensor) -> Tensor:
     """Symmetric INT8: round(x / scale) clamped to [-127, 127]; ``scale`` broadcasts against x."""
     return torch.clamp(torch.round(x / scale), -QMAX, QMAX).to(torch.int8)
