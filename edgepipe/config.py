@@ -25,7 +25,7 @@ RUNTIMES = ("onnxruntime", "executorch", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "w8a8", "int8-fp16", "a8w16")
 KINDS = ("encoder", "decoder")
 DEFAULT_TARGET = "host-cpu"
-DEFAULT_MODEL = "minilm-teacher"  # becomes minilm-student once its distillation meets issue 5's goals
+DEFAULT_MODEL = "minilm-student"  # the distilled 3-layer student; minilm-teacher ships the teacher as it is
 TARGET_ALIASES = {"jetson": "jetson-orin-nano"}
 
 
@@ -210,6 +210,7 @@ class ModelRecipe:
     quantize: QuantizeConfig
     validate: ValidateConfig
     path: str = ""
+    decoder: dict | None = None  # kind = "decoder": the [model], [tokenizer], [pretrain] and [kv_cache] tables
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -258,12 +259,41 @@ def recipe_from_dict(name: str, data: dict, source: str) -> ModelRecipe:
         )
         s.unknown()
     sections = {key: _dataclass_from_table(cls, f.table(key)) for key, cls in _SECTIONS.items()}
+    decoder = _decoder_tables(f) if kind == "decoder" else None
     f.unknown()
     if problems:
         raise ConfigError(problems, source)
     return ModelRecipe(
-        name=name, description=description, kind=kind, teacher=teacher, student=student, path=source, **sections
+        name=name,
+        description=description,
+        kind=kind,
+        teacher=teacher,
+        student=student,
+        path=source,
+        decoder=decoder,
+        **sections,
     )
+
+
+def _decoder_tables(f: _Fields) -> dict:
+    """A decoder recipe's tables as plain dicts, every key checked against the dataclass that takes it."""
+    from dataclasses import fields
+
+    from edgepipe.models.decoder import DecoderConfig
+    from edgepipe.stages.pretrain import PretrainConfig
+
+    known = {
+        "model": {x.name for x in fields(DecoderConfig)} - {"vocab_size"},
+        "tokenizer": {"vocab_size"},
+        "pretrain": {x.name for x in fields(PretrainConfig)} - {"vocab_size"},
+        "kv_cache": {"active", "active_dtype", "v_scales", "calibration", "calibration_windows"},
+    }
+    tables = {}
+    for name, keys in known.items():
+        t = f.table(name)
+        tables[name] = {key: t.get(key, (int, float, str, bool, list)) for key in t.data if key in keys}
+        t.unknown()
+    return tables
 
 
 def model_names() -> list[str]:

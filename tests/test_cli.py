@@ -34,7 +34,7 @@ def test_targets_and_models_list_shipped_files():
     targets = run("targets")
     assert targets.returncode == 0 and "host-cpu" in targets.stdout and "onnxruntime" in targets.stdout
     models = run("models")
-    assert models.returncode == 0 and "minilm-teacher (default)" in models.stdout
+    assert models.returncode == 0 and "minilm-student (default)" in models.stdout
 
 
 @pytest.mark.parametrize(
