@@ -237,7 +237,7 @@ class _Build:
         }
         d = recipe.distill
         n = d.sentences or d.steps * d.batch_size
-        targets_key = digest([teacher_hash, data_sha, d.max_len, n, d.seed, recipe.student.layers, d.token_weight > 0])
+        targets_key = digest([teacher_hash, data_sha, d.max_len, n, d.seed, d.token_weight > 0, 2])  # 2: all layers
 
         def run(out: Path) -> dict:
             return distill(

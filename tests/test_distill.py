@@ -151,7 +151,7 @@ def test_length_grouped_batches_see_every_sentence_once_per_epoch_and_pad_little
 def test_teacher_token_targets_hold_each_sentences_own_states(tiny_teacher, teacher_dir):
     tok = load_tokenizer(teacher_dir / "tokenizer.json", 64)
     sentences = read_sentences("validation.txt", 9)
-    targets = teacher_targets(tiny_teacher, tok, sentences, [0], Progress(quiet=True), tokens=True)
+    targets = teacher_targets(tiny_teacher, tok, sentences, Progress(quiet=True), tokens=True)
     offsets = targets["offsets"]
     for i in (0, 4, 8):  # each sentence alone: no padding anywhere
         b = encode(tok, [sentences[i]])

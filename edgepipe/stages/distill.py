@@ -1,14 +1,15 @@
 """Distill: cut a smaller student from the teacher, swap its token mixer, and train it to match the teacher.
 
 The student keeps a subset of the teacher's layers (and optionally the most important FFN neurons), so training
-starts from a model that is already close. Training matches the teacher's sentence embedding (cosine + MSE) and,
-per student layer, the mean-pooled hidden state of the teacher layer it was initialised from. The teacher's
-outputs are computed once per (teacher, data) and cached, so steps never run the teacher and repeat runs with a
-different student reuse them.
+starts from a model that is already close. Training matches the teacher's sentence embedding (cosine + MSE), per
+student layer the mean-pooled hidden state of the teacher layer it was initialised from, and (``token_weight``)
+the last layer's state of every token. Batches group sentences of similar length, so little compute goes to
+padding. The teacher's outputs are computed once per (teacher, data) and cached, so steps never run the teacher
+and repeat runs with a different student reuse them.
 
 Runs unchanged under ``torchrun --nproc_per_node=N``: each rank trains on its own slice of every batch and
 gradients are averaged by DistributedDataParallel (gloo on CPU, nccl on GPU). Checkpoints (safetensors weights +
-optimizer state) are written every ``checkpoint_every`` steps into the work directory, and a restarted run resumes
+optimizer state) are written every ``CHECKPOINT_EVERY`` steps into the work directory, and a restarted run resumes
 from the last one.
 """
 
@@ -128,13 +129,14 @@ def _ffn_keep(layer, ffn: int) -> Tensor:
 
 
 def teacher_targets(
-    teacher: Encoder, tok, sentences: list[str], layers: list[int], progress, tokens: bool = False
+    teacher: Encoder, tok, sentences: list[str], progress, tokens: bool = False
 ) -> dict[str, np.ndarray]:
     """The teacher's targets for ``sentences``, fp16 to halve the cache.
 
-    ``embedding`` (n, hidden): sentence embeddings; ``pooled`` (n, len(layers), hidden): mean-pooled hidden states
-    of ``layers``; with ``tokens``, also the last layer's state of every token, ragged: ``tokens`` (total, hidden)
-    with sentence i at rows ``offsets[i]:offsets[i + 1]``. Sentences run in order of length, so a batch pads
+    ``embedding`` (n, hidden): sentence embeddings; ``pooled`` (n, layers, hidden): every layer's mean-pooled
+    hidden state (so one cache serves students cut from any layers); with ``tokens``, also the last layer's state
+    of every token, ragged: ``tokens`` (total, hidden) with sentence i at rows ``offsets[i]:offsets[i + 1]``.
+    Sentences run in order of length, so a batch pads
     little (random batches of MiniLM's training text pad to ~2.7x their mean length); rows keep the order of
     ``sentences``.
     """
@@ -142,7 +144,7 @@ def teacher_targets(
     lengths = token_lengths(tok, sentences)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     emb = np.zeros((len(sentences), dim), np.float16)
-    pooled = np.zeros((len(sentences), len(layers), dim), np.float16)
+    pooled = np.zeros((len(sentences), teacher.cfg.layers, dim), np.float16)
     states_out = np.zeros((offsets[-1] if tokens else 0, dim), np.float16)
     order = np.argsort(lengths, kind="stable")
     teacher.eval()
@@ -153,7 +155,7 @@ def teacher_targets(
             ids, mask = torch.from_numpy(b["input_ids"]), torch.from_numpy(b["attention_mask"]).float()
             states = teacher.hidden_states(ids, mask)
             emb[rows] = _pool_normalize(states[-1], mask).half().numpy()
-            pooled[rows] = torch.stack([_pool(states[li + 1], mask) for li in layers], 1).half().numpy()
+            pooled[rows] = torch.stack([_pool(x, mask) for x in states[1:]], 1).half().numpy()
             if tokens:
                 last = states[-1].half().numpy()
                 for j, r in enumerate(rows):
@@ -263,7 +265,7 @@ def distill(
 
     if world > 1 and rank != 0:
         torch.distributed.barrier()  # rank 0 computes (or loads) the teacher targets and writes the cache first
-    targets = _cached_targets(teacher, tok, sentences, layer_map, progress, targets_cache, cfg.token_weight > 0)
+    targets = _cached_targets(teacher, tok, sentences, progress, targets_cache, cfg.token_weight > 0)
     if world > 1 and rank == 0:
         torch.distributed.barrier()
 
@@ -279,7 +281,7 @@ def distill(
             batch = encode(tok, [sentences[i] for i in idx])
             ids, mask = torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["attention_mask"]).float()
             t_emb = torch.from_numpy(targets["embedding"][idx]).float()
-            t_pool = torch.from_numpy(targets["pooled"][idx]).float()
+            t_pool = torch.from_numpy(targets["pooled"][idx][:, layer_map]).float()
             t_tok = _token_targets(targets, idx, ids.shape[1]) if cfg.token_weight else None
             loss = _loss(model(ids, mask), mask, t_emb, t_pool, t_tok, cfg)
             for group in opt.param_groups:
@@ -382,14 +384,12 @@ def _loss(states: list[Tensor], mask: Tensor, t_emb, t_pool, t_tok, cfg: Distill
     return loss
 
 
-def _cached_targets(
-    teacher, tok, sentences, layers, progress, cache: Path | None, tokens: bool
-) -> dict[str, np.ndarray]:
+def _cached_targets(teacher, tok, sentences, progress, cache: Path | None, tokens: bool) -> dict[str, np.ndarray]:
     if cache is not None and cache.is_file():
         with np.load(cache) as data:
             if not tokens or "tokens" in data.files:
                 return {k: data[k] for k in data.files}
-    targets = teacher_targets(teacher, tok, sentences, layers, progress, tokens)
+    targets = teacher_targets(teacher, tok, sentences, progress, tokens)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp.npz")
