@@ -117,7 +117,7 @@ def main() -> int:
         cos = (
             f"{r['mean_cosine']:9.4f} {r['min_cosine']:8.4f}"
             if "mean_cosine" in r
-            else f"{'1.0000':>9s} {'1.0000':>8s}"
+            else f"{'-':>9s} {'-':>8s}"
         )
         print(
             f"{r['name']:28s} {r['seq']:4d} {r['ms']:8.2f} {r['vs_anchor']:9.2f} {cos} {'*' if r['frontier'] else ''}"
