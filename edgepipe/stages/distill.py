@@ -15,6 +15,7 @@ from the last one.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -319,9 +320,10 @@ def distill(
 
 
 def _estimate(teacher, student, tok, sentences, lengths, plan, cfg: DistillConfig, start, world, cached) -> str:
-    """How long distillation will take here, from one teacher batch and two student steps timed now (~2 s).
+    """How long distillation will take here, from one teacher batch and two training steps timed now (~3 s).
 
-    The student steps run forward and backward without an optimizer step, so the weights are untouched.
+    The steps train a copy of the student, so its weights and the run's optimizer are untouched. Both timings are
+    scaled by tokens: the teacher's to the sum of all sentence lengths, the step's to the plan's mean padded length.
     """
     typical = [sentences[i] for i in np.argsort(np.abs(lengths - np.median(lengths)))[:TEACHER_BATCH]]
     b = encode(tok, typical)
@@ -329,17 +331,20 @@ def _estimate(teacher, student, tok, sentences, lengths, plan, cfg: DistillConfi
     t = time.perf_counter()
     with torch.no_grad():
         teacher.eval().hidden_states(ids, mask)
-    teacher_s = 0.0 if cached else (time.perf_counter() - t) * len(sentences) / TEACHER_BATCH
+    teacher_s = 0.0 if cached else (time.perf_counter() - t) * lengths.sum() / ids.numel()
+    probe = copy.deepcopy(student)
+    opt = torch.optim.AdamW([p for p in probe.parameters() if p.requires_grad], lr=cfg.lr)
     rows = plan[start][: max(1, cfg.batch_size // world)]
-    b = encode(tok, [sentences[i] for i in rows])
-    ids, mask = torch.from_numpy(b["input_ids"]), torch.from_numpy(b["attention_mask"]).float()
     times = []
     for _ in range(2):
         t = time.perf_counter()
-        _pool(student.hidden_states(ids, mask)[-1], mask).square().sum().backward()
+        b = encode(tok, [sentences[i] for i in rows])
+        ids, mask = torch.from_numpy(b["input_ids"]), torch.from_numpy(b["attention_mask"]).float()
+        opt.zero_grad(set_to_none=True)
+        _pool(probe.hidden_states(ids, mask)[-1], mask).square().sum().backward()
+        torch.nn.utils.clip_grad_norm_(probe.parameters(), 1.0)
+        opt.step()
         times.append(time.perf_counter() - t)
-    student.zero_grad(set_to_none=True)
-    # A batch's length is random; the plan's mean padded length over this batch's scales the timing.
     mean_len = np.mean([lengths[p].max() for p in plan[start:]])
     step_s = min(times) * mean_len / max(1, int(lengths[rows].max()))
     steps_s = step_s * (cfg.steps - start)
