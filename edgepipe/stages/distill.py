@@ -40,6 +40,8 @@ STUDENT_CONFIG = "config.json"
 TEACHER_BATCH = 64
 GROUP_BATCHES = 16  # batches per length-sorted pool in length_grouped_batches
 CHECKPOINT_EVERY = 50
+EVAL_EVERY = 100  # steps between held-back cosines on the progress bar
+EVAL_BATCHES = 4  # held-back batches those use (the full set is measured before and after)
 
 
 def make_student(teacher: Encoder, cfg: StudentConfig) -> tuple[Encoder, list[int]]:
@@ -274,6 +276,7 @@ def distill(
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
     history: list[float] = []
+    cosine = ""  # held-back mean cosine of the last evaluation, shown beside the loss
     t0 = time.perf_counter()
     with progress.steps("distill", cfg.steps) as bar:
         bar.set(start)
@@ -292,9 +295,13 @@ def distill(
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             opt.step()
             history.append(loss.item())
-            bar.advance(info=f"loss {np.mean(history[-20:]):.4f}")
             if rank == 0 and (step + 1) % CHECKPOINT_EVERY == 0 and step + 1 < cfg.steps:
                 _checkpoint(out_dir, student, opt, step + 1)
+            if rank == 0 and held_out and (step + 1) % EVAL_EVERY == 0:
+                n = sum(len(b["input_ids"]) for b in held_out[:EVAL_BATCHES])
+                seen = _held_out_fidelity(student, held_out[:EVAL_BATCHES], held_out_teacher[:n])
+                cosine = f"held-back cos {seen['mean_cosine']:.3f}"
+            bar.advance(info=f"loss {np.mean(history[-20:]):.4f}" + (f", {cosine}" if cosine else ""))
     seconds_per_step = (time.perf_counter() - t0) / max(1, cfg.steps - start)
 
     student.eval()
