@@ -12,7 +12,8 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +92,31 @@ def _writable_out(out_dir: Path) -> None:
         raise UsageError(
             f"Cannot write to --out '{out_dir}' ({exc.strerror or exc}).", hint="Pass a writable directory with --out."
         ) from None
+
+
+@contextmanager
+def staged_bundle(dest: Path) -> Iterator[Path]:
+    """A temporary directory beside ``dest`` that replaces ``dest`` when the block succeeds and vanishes if it fails.
+
+    A failed or interrupted build never leaves a half-written bundle, and a previous bundle at ``dest`` is swapped
+    out only once the new one is complete.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be copied and shared
+    try:
+        yield tmp
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def run_stage(
@@ -361,37 +387,19 @@ class _Build:
         return self.stage("latency", payload, run, "latency estimate here")
 
     def write_bundle(self, lowered, validated, latency, model_loader, precision, tok, teacher_hash) -> Bundle:
-        cfg, target = self.cfg, self.target
-        dest = cfg.bundle_dir
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=dest.parent))
-        tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be copied and shared
-        try:
-            with self.progress.stage("write bundle"):
-                for name in lowered.meta["files"].values():
-                    shutil.copy2(lowered.dir / name, tmp / name)
-                shutil.copy2(self.tokenizer_path, tmp / "tokenizer.json")
-                check = encode(tok, read_sentences(self.recipe.validate.data, CHECK_SENTENCES))
-                expected = embed_torch(model_loader(), [check])
-                np.savez(
-                    tmp / "check.npz",
-                    **{f"input.{k}": v for k, v in check.items()},
-                    **{"output.sentence_embedding": expected},
-                )
-                manifest = self.manifest(lowered, validated, latency, precision, teacher_hash)
-                write_manifest(tmp, manifest)
-                if dest.exists():
-                    old = dest.with_name(f".{dest.name}.old")
-                    shutil.rmtree(old, ignore_errors=True)
-                    dest.rename(old)
-                    tmp.rename(dest)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    tmp.rename(dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return Bundle(dest, read_manifest(dest))
+        with staged_bundle(self.cfg.bundle_dir) as tmp, self.progress.stage("write bundle"):
+            for name in lowered.meta["files"].values():
+                shutil.copy2(lowered.dir / name, tmp / name)
+            shutil.copy2(self.tokenizer_path, tmp / "tokenizer.json")
+            check = encode(tok, read_sentences(self.recipe.validate.data, CHECK_SENTENCES))
+            expected = embed_torch(model_loader(), [check])
+            np.savez(
+                tmp / "check.npz",
+                **{f"input.{k}": v for k, v in check.items()},
+                **{"output.sentence_embedding": expected},
+            )
+            write_manifest(tmp, self.manifest(lowered, validated, latency, precision, teacher_hash))
+        return Bundle(self.cfg.bundle_dir, read_manifest(self.cfg.bundle_dir))
 
     def manifest(self, lowered, validated, latency, precision, teacher_hash) -> dict:
         fidelity = {"teacher": {"mean_cosine": 1.0, "min_cosine": 1.0}}

@@ -26,7 +26,6 @@ import importlib.util
 import inspect
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -866,42 +865,26 @@ class _ForeignBuild:
 
     # -- bundle -------------------------------------------------------------------------------------------------
     def write_bundle(self, lowered, validated, latency, precision, io, check, names, preprocessing_dir):
-        from edgepipe.pipeline import Bundle
+        from edgepipe.pipeline import Bundle, staged_bundle
 
-        dest = self.cfg.bundle_dir
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=dest.parent))
-        tmp.chmod(0o755)
-        try:
-            with self.progress.stage("write bundle"):
-                for name in lowered.meta["files"].values():
-                    shutil.copy2(lowered.dir / name, tmp / name)
-                shipped = []
-                for name in PREPROCESSING_FILES:
-                    for src in (preprocessing_dir / name, self.checkpoint / name):
-                        if src.is_file():
-                            shutil.copy2(src, tmp / name)
-                            shipped.append(name)
-                            break
-                expected = torch_outputs(self.torch_model(), check, names)
-                np.savez(
-                    tmp / "check.npz",
-                    **{f"input.{k}": v for k, v in check.items()},
-                    **{f"output.{k}": v for k, v in expected.items()},
-                )
-                write_manifest(tmp, self.manifest(lowered, validated, latency, precision, io, shipped))
-                if dest.exists():
-                    old = dest.with_name(f".{dest.name}.old")
-                    shutil.rmtree(old, ignore_errors=True)
-                    dest.rename(old)
-                    tmp.rename(dest)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    tmp.rename(dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return Bundle(dest, read_manifest(dest))
+        with staged_bundle(self.cfg.bundle_dir) as tmp, self.progress.stage("write bundle"):
+            for name in lowered.meta["files"].values():
+                shutil.copy2(lowered.dir / name, tmp / name)
+            shipped = []
+            for name in PREPROCESSING_FILES:
+                for src in (preprocessing_dir / name, self.checkpoint / name):
+                    if src.is_file():
+                        shutil.copy2(src, tmp / name)
+                        shipped.append(name)
+                        break
+            expected = torch_outputs(self.torch_model(), check, names)
+            np.savez(
+                tmp / "check.npz",
+                **{f"input.{k}": v for k, v in check.items()},
+                **{f"output.{k}": v for k, v in expected.items()},
+            )
+            write_manifest(tmp, self.manifest(lowered, validated, latency, precision, io, shipped))
+        return Bundle(self.cfg.bundle_dir, read_manifest(self.cfg.bundle_dir))
 
     def manifest(self, lowered, validated, latency, precision, io, shipped) -> dict:
         from edgepipe.pipeline import TOLERANCES
