@@ -732,23 +732,13 @@ class _ForeignBuild:
             return None
         artifact = lowered.dir / lowered.meta["files"]["model"]
 
+        from edgepipe.pipeline import time_session
+
         def run(out: Path) -> dict:
             session = runtime.load(artifact, self.target)
             feeds = inputs.make("validation", 1)
-            for _ in range(5):
-                session.run(feeds)
-            times = []
-            for _ in range(30):
-                t = time.perf_counter()
-                session.run(feeds)
-                times.append((time.perf_counter() - t) * 1e3)
             shape = list(next(iter(feeds.values())).shape)
-            return {
-                "shape": shape if inputs.vision else shape[:2],
-                "p50_ms": round(float(np.percentile(times, 50)), 3),
-                "p90_ms": round(float(np.percentile(times, 90)), 3),
-                "where": "this machine",
-            }
+            return {"shape": shape if inputs.vision else shape[:2], **time_session(session, feeds)}
 
         return self.stage("latency", {"artifact": lowered.key}, run, "latency estimate here")
 

@@ -154,8 +154,7 @@ def teacher_targets(
     with progress.steps("teacher targets", math.ceil(len(sentences) / TEACHER_BATCH)) as bar, torch.no_grad():
         for i in range(0, len(sentences), TEACHER_BATCH):
             rows = order[i : i + TEACHER_BATCH]
-            b = encode(tok, [sentences[r] for r in rows])
-            ids, mask = torch.from_numpy(b["input_ids"]), torch.from_numpy(b["attention_mask"]).float()
+            ids, mask = _tensors(tok, [sentences[r] for r in rows])
             states = teacher.hidden_states(ids, mask)
             emb[rows] = _pool_normalize(states[-1], mask).half().numpy()
             pooled[rows] = torch.stack([_pool(x, mask) for x in states[1:]], 1).half().numpy()
@@ -192,6 +191,12 @@ def length_grouped_batches(lengths: np.ndarray, batch_size: int, steps: int, see
             epoch += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
         out += [epoch[i] for i in rng.permutation(len(epoch)) if len(epoch[i]) == batch_size or len(epoch) == 1]
     return out[:steps]
+
+
+def _tensors(tok, sentences: list[str]) -> tuple[Tensor, Tensor]:
+    """One tokenized batch as tensors: ids int64 (batch, longest), mask float32 (batch, longest)."""
+    b = encode(tok, sentences)
+    return torch.from_numpy(b["input_ids"]), torch.from_numpy(b["attention_mask"]).float()
 
 
 def _pool(x: Tensor, mask: Tensor) -> Tensor:
@@ -282,8 +287,7 @@ def distill(
         bar.set(start)
         for step in range(start, cfg.steps):
             idx = plan[step][rank::world]
-            batch = encode(tok, [sentences[i] for i in idx])
-            ids, mask = torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["attention_mask"]).float()
+            ids, mask = _tensors(tok, [sentences[i] for i in idx])
             t_emb = torch.from_numpy(targets["embedding"][idx]).float()
             t_pool = torch.from_numpy(targets["pooled"][idx][:, layer_map]).float()
             t_tok = _token_targets(targets, idx, ids.shape[1]) if cfg.token_weight else None
@@ -333,8 +337,7 @@ def _estimate(teacher, student, tok, sentences, lengths, plan, cfg: DistillConfi
     scaled by tokens: the teacher's to the sum of all sentence lengths, the step's to the plan's mean padded length.
     """
     typical = [sentences[i] for i in np.argsort(np.abs(lengths - np.median(lengths)))[:TEACHER_BATCH]]
-    b = encode(tok, typical)
-    ids, mask = torch.from_numpy(b["input_ids"]), torch.from_numpy(b["attention_mask"]).float()
+    ids, mask = _tensors(tok, typical)
     t = time.perf_counter()
     with torch.no_grad():
         teacher.eval().hidden_states(ids, mask)
@@ -345,8 +348,7 @@ def _estimate(teacher, student, tok, sentences, lengths, plan, cfg: DistillConfi
     times = []
     for _ in range(2):
         t = time.perf_counter()
-        b = encode(tok, [sentences[i] for i in rows])
-        ids, mask = torch.from_numpy(b["input_ids"]), torch.from_numpy(b["attention_mask"]).float()
+        ids, mask = _tensors(tok, [sentences[i] for i in rows])
         opt.zero_grad(set_to_none=True)
         _pool(probe.hidden_states(ids, mask)[-1], mask).square().sum().backward()
         torch.nn.utils.clip_grad_norm_(probe.parameters(), 1.0)
