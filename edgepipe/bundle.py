@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from edgepipe.config import Target
-from edgepipe.errors import BundleError
+from edgepipe.errors import BundleError, UsageError
 from edgepipe.harness import runner
 from edgepipe.manifest import read_manifest
 from edgepipe.runtimes import get_runtime
@@ -62,7 +64,63 @@ def check_bundle(path: Path) -> CheckReport:
         )
     try:
         inputs, expected = runner.load_check(str(path))
+        if manifest.get("kind") == "decoder":
+            graphs = runner.DecoderGraphs(str(path), manifest, None)
+            return CheckReport(path, manifest, runner.check_decoder(graphs, inputs, expected, manifest["validation"]))
     except runner.RunnerError as exc:
-        raise BundleError(str(exc), hint="Rebuild the bundle.") from None
+        raise BundleError(f"Bundle {path}: {exc}.", hint="Rebuild the bundle.") from None
     outputs = runtime.load(path / manifest["graphs"]["model"], target).run(inputs)
     return CheckReport(path, manifest, runner.compare_outputs(outputs, expected, manifest["validation"]))
+
+
+@dataclass
+class Generation:
+    text: str
+    prompt_tokens: int
+    tokens: list[int]
+    ttft_ms: float
+    tokens_per_s: float | None  # decode rate after the first token (None when only one token was made)
+
+
+def generate(path: Path, prompt: str, max_new_tokens: int = 32, threads: int | None = None) -> Generation:
+    """Greedy generation with a decoder bundle's graphs in its runtime here (the runner's loop, tokenizer.json).
+
+    Raises:
+        UsageError: An empty prompt, or a bundle that is not a decoder.
+        BundleError: The bundle is corrupt, has no tokenizer, or cannot run on this machine.
+    """
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    manifest = open_bundle(path)
+    if manifest.get("kind") != "decoder":
+        raise UsageError(
+            f"Bundle {path} holds the {manifest.get('kind', 'encoder')} {manifest.get('model')}; "
+            "generate needs a decoder bundle.",
+            hint="Build one: edgepipe build --model tinylm-teacher",
+        )
+    runtime = get_runtime(manifest["runtime"])
+    runnable, why = runtime.can_run_here(Target(**manifest["target"]))
+    if not runnable:
+        raise BundleError(f"Bundle {path} cannot run on this machine: {why}.", hint="Build it for --target host-cpu.")
+    if not (path / "tokenizer.json").is_file():
+        raise BundleError(f"Bundle {path} has no tokenizer.json.", hint="Rebuild the bundle.")
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    if not ids:
+        raise UsageError("The prompt is empty.", hint='Pass some text: --prompt "The kernel"')
+    try:
+        graphs = runner.DecoderGraphs(str(path), manifest, threads)
+        run = runner.greedy(
+            graphs, np.asarray([ids], dtype=np.int64), max_new_tokens, manifest["decoder"].get("eos_id")
+        )
+    except runner.RunnerError as exc:
+        raise BundleError(f"Bundle {path}: {exc}.", hint="Check it with `edgepipe check`.") from None
+    steps = run["step_s"]
+    return Generation(
+        text=tok.decode(run["tokens"]),
+        prompt_tokens=len(ids),
+        tokens=run["tokens"],
+        ttft_ms=run["ttft_s"] * 1e3,
+        tokens_per_s=len(steps) / sum(steps) if steps else None,
+    )

@@ -114,6 +114,13 @@ def _fmt_cos(rec: dict | None) -> str:
     return f"{rec['mean_cosine']:.4f} / {rec['min_cosine']:.4f}"
 
 
+def _fmt_lm(rec: dict | None) -> str:
+    """Held-back perplexity and top-1 agreement with the teacher of a decoder stage."""
+    if not rec:
+        return "-"
+    return f"perplexity {rec['perplexity']:.1f}, top-1 vs teacher {rec['top1_vs_teacher']:.4f}"
+
+
 def _print_build_summary(bundle) -> None:
     m = bundle.manifest
     stages = Table(
@@ -132,14 +139,23 @@ def _print_build_summary(bundle) -> None:
     if m.get("route"):
         table.add_row("path", f"{m['route']['path']}: {m['route']['why']}")
     table.add_row("size", f"{size / 1e6:.1f} MB")
-    if "p50_ms" in lat:
+    if "ttft_ms" in lat:
+        table.add_row(
+            "latency here",
+            f"time to first token {lat['ttft_ms']:.1f} ms ({lat['prompt_tokens']}-token prompt), "
+            f"decode {lat['tokens_per_s']:.0f} tokens/s",
+        )
+    elif "p50_ms" in lat:
         table.add_row(
             "latency here",
             f"p50 {lat['p50_ms']:.1f} ms, p90 {lat['p90_ms']:.1f} ms at {lat['shape'][0]}x{lat['shape'][1]}",
         )
     else:
         table.add_row("latency", lat.get("where", "-"))
-    table.add_row("fidelity vs teacher", f"{_fmt_cos(fid.get('lowered'))} (mean / min cosine, held-back text)")
+    if m.get("kind") == "decoder":
+        table.add_row("fidelity", f"{_fmt_lm(fid.get('lowered'))} (held-back text)")
+    else:
+        table.add_row("fidelity vs teacher", f"{_fmt_cos(fid.get('lowered'))} (mean / min cosine, held-back text)")
     if m.get("precision") != m.get("requested_precision"):
         table.add_row(
             "precision", f"{m['precision']} (asked {m['requested_precision']}; see the validate stage's decision)"
@@ -149,6 +165,14 @@ def _print_build_summary(bundle) -> None:
 
 def _key_metrics(rec: dict) -> str:
     met = rec.get("metrics", {})
+    if rec["stage"] == "validate" and "lowered" in met:
+        return _fmt_lm(met["lowered"])
+    if rec["stage"] == "reference" and "model" in met:
+        return f"teacher perplexity {met['teacher']['perplexity']:.1f}, model {_fmt_lm(met['model'])}"
+    if rec["stage"] == "pretrain":
+        return f"held-back perplexity {met.get('held_out_perplexity', 0):.1f}, {met.get('steps', '?')} steps"
+    if rec["stage"] == "latency" and "ttft_ms" in met:
+        return f"first token {met['ttft_ms']:.1f} ms, {met['tokens_per_s']:.0f} tokens/s"
     if rec["stage"] == "validate":
         return f"vs teacher {_fmt_cos(met.get('vs_teacher'))}, vs pytorch {_fmt_cos(met.get('vs_pytorch'))}"
     if rec["stage"] == "lower":
@@ -226,13 +250,21 @@ def inspect(bundle: Path) -> None:
     head.add_row("built", f"{m['created']} with edgepipe {m['edgepipe_version']}")
     head.add_row("versions", ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()))
     console.print(head)
-    fid = Table(
-        "stage", "mean cosine", "min cosine", title="fidelity vs the teacher (held-back text)", title_justify="left"
-    )
+    decoder = m["kind"] == "decoder"
+    columns = ("perplexity", "top-1 vs teacher") if decoder else ("mean cosine", "min cosine")
+    fid = Table("stage", *columns, title="fidelity vs the teacher (held-back text)", title_justify="left")
     for stage, rec in m.get("fidelity", {}).items():
-        if isinstance(rec, dict) and "mean_cosine" in rec:
+        if isinstance(rec, dict) and "perplexity" in rec:
+            fid.add_row(stage, f"{rec['perplexity']:.2f}", f"{rec['top1_vs_teacher']:.4f}")
+        elif isinstance(rec, dict) and "mean_cosine" in rec:
             fid.add_row(stage, f"{rec['mean_cosine']:.4f}", f"{rec['min_cosine']:.4f}")
     console.print(fid)
+    if decoder:
+        d = m["decoder"]
+        console.print(
+            f"decoder: {d['form']}, state {d['state_bytes'] / 2**20:.2f} MiB, cache {d['cache_len']} slots, "
+            f"prefill {d['prefill_tokens']} tokens per call"
+        )
     stages = Table("stage", "seconds", "cache", "metrics", title="stages", title_justify="left")
     for rec in m["stages"]:
         stages.add_row(rec["stage"], f"{rec['seconds']:.1f}", "hit" if rec["cache_hit"] else "ran", _key_metrics(rec))
@@ -274,12 +306,37 @@ def check(bundle: Path) -> None:
     tolerance = f"cos ≥ {res['min_cosine_required']}, abs ≤ {res['atol']}"
     for name, m in res["outputs"].items():
         table.add_row(name, f"{m['mean_cosine']:.6f}", f"{m['min_cosine']:.6f}", f"{m['max_abs_error']:.2e}", tolerance)
+    if "token_agreement" in res:
+        need = report.manifest["validation"].get("min_token_agreement", 1.0)
+        table.add_row("greedy tokens", f"{res['token_agreement']:.4f} agree", "", "", f"agreement ≥ {need}")
     console.print(table)
     if not report.passed:
         raise BuildError(
             f"Bundle {bundle} fails its check: {'; '.join(res['problems'])}.", hint="Rebuild it with --force."
         )
     console.print(f"[green]check passed[/] ({report.manifest['runtime']}, {report.manifest['precision']})")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=32, show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=None, help="Runtime threads (default: the runtime's).")
+def generate(bundle: Path, prompt: str, max_new_tokens: int, threads: int | None) -> None:
+    """Greedy generation with a decoder bundle's prefill and decode graphs, in its runtime here.
+
+    \b
+    Example:
+      edgepipe generate artifacts/tinylm-teacher/host-cpu --prompt "The kernel" --max-new-tokens 48
+    """
+    from edgepipe.bundle import generate as run_generate
+
+    out = run_generate(bundle, prompt, max_new_tokens, threads)
+    console.print(f"[bold]{escape(prompt)}[/]{escape(out.text)}")
+    rate = f", decode {out.tokens_per_s:.1f} tokens/s" if out.tokens_per_s else ""
+    err_console.print(
+        f"{out.prompt_tokens} prompt tokens, {len(out.tokens)} new; time to first token {out.ttft_ms:.1f} ms{rate}"
+    )
 
 
 _DEVICE_HELP = "local, ssh://user@host[:port] or adb://serial."

@@ -23,6 +23,8 @@ DATA_DIR = ROOT / "calibration_data"
 
 RUNTIMES = ("onnxruntime", "executorch", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "w8a8", "int8-fp16", "a8w16")
+# Decoder bundles (prefill + decode graphs) per runtime; a8w16 = the tiered INT8 KV cache (edgepipe.decoders).
+DECODER_PRECISIONS = {"onnxruntime": ("fp32", "fp16", "int8-dynamic", "a8w16"), "executorch": ("fp32", "a8w16")}
 KINDS = ("encoder", "decoder")
 DEFAULT_TARGET = "host-cpu"
 DEFAULT_MODEL = "minilm-student"  # the distilled 3-layer student; minilm-teacher ships the teacher as it is
@@ -375,7 +377,16 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise UsageError(f"Unknown precision '{self.precision}'. Accepted: {', '.join(PRECISIONS)}.")
-        if self.precision not in self.target.precisions:
+        if self.recipe.kind == "decoder":
+            allowed = DECODER_PRECISIONS.get(self.target.runtime, ())
+            if self.precision not in allowed:
+                raise UsageError(
+                    f"Decoder {self.recipe.name} on target {self.target.name} ({self.target.runtime}) lowers "
+                    f"{', '.join(allowed) or 'nothing'}; the build asked for {self.precision}.",
+                    hint="Use --precision fp32, or a8w16 for the tiered INT8 KV cache; decoder bundles need an "
+                    "onnxruntime or executorch target.",
+                )
+        elif self.precision not in self.target.precisions:
             raise UsageError(
                 f"Target {self.target.name} runs {', '.join(self.target.precisions)}; "
                 f"the build asked for {self.precision}.",
@@ -416,6 +427,7 @@ def resolve_run_config(
     model = model or DEFAULT_MODEL
     path = Path(model).expanduser()
     recipe = recipe_for_checkpoint(path, overrides) if path.is_dir() else load_recipe(model, overrides)
+    default = "fp32" if recipe.kind == "decoder" else tgt.precision  # decoders: quantized plans are opt-in
     return RunConfig(
-        recipe=recipe, target=tgt, precision=precision or tgt.precision, out_dir=Path(out_dir), task=task or None
+        recipe=recipe, target=tgt, precision=precision or default, out_dir=Path(out_dir), task=task or None
     )

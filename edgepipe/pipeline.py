@@ -455,15 +455,13 @@ def build(
     """
     from edgepipe.models.optimum import build_foreign, choose_route
 
-    if cfg.recipe.kind == "decoder":
-        raise UsageError(
-            f"Recipe {cfg.recipe.name} is a decoder; `edgepipe build` lowers sentence encoders so far.",
-            hint="Pretrain it with `python -m edgepipe.stages.pretrain --recipe "
-            f"{cfg.recipe.path} --out DIR` (decoder bundles are not wired into the build yet).",
-        )
     _writable_out(cfg.out_dir)
     progress = progress or Progress(quiet=True)
     cache = StageCache(cache_root, force=force)
+    if cfg.recipe.kind == "decoder":
+        from edgepipe.decoders import build_decoder
+
+        return build_decoder(cfg, cache, progress)
     checkpoint = resolve_teacher(cfg.recipe)
     route = choose_route(cfg, checkpoint)  # edgepipe's own models, or Optimum for architectures it lacks
     if route.path == "optimum":

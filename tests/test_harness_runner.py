@@ -179,7 +179,7 @@ def test_runner_reports_missing_numpy_and_runtime(onnx_bundle: Path) -> None:
     assert report["files"]["problems"] == []  # integrity is checked with the standard library alone
 
 
-def test_runner_decoder_bundle_is_an_extension_point(tmp_path: Path) -> None:
+def test_runner_rejects_a_decoder_manifest_without_its_graph_contract(tmp_path: Path) -> None:
     bundle = make_onnx_bundle(tmp_path / "b")
     manifest = json.loads((bundle / "manifest.json").read_text())
     shutil.copy(bundle / "model.onnx", bundle / "decode.onnx")
@@ -188,7 +188,7 @@ def test_runner_decoder_bundle_is_an_extension_point(tmp_path: Path) -> None:
     write_manifest(bundle, manifest)
     assert run_runner(bundle, "--verify").returncode == 0
     done = run_runner(bundle, "--runs", 2, "--json", tmp_path / "r.json")
-    assert done.returncode == runner.EXIT_USAGE and "decoder bundles" in done.stderr
+    assert done.returncode == runner.EXIT_BAD_FILES and "io.prefill, io.decode and decoder" in done.stderr
 
 
 def test_runner_usage_errors_exit_2(onnx_bundle: Path, tmp_path: Path) -> None:

@@ -1001,17 +1001,177 @@ def bench_encoder(bundle: str, manifest: dict, args: argparse.Namespace) -> dict
     }
 
 
-def bench_decoder(bundle: str, manifest: dict, args: argparse.Namespace) -> dict:
-    """Extension point for decoder bundles (graphs "prefill" and "decode" with explicit cache/state I/O).
+# ----------------------------------------------------------------------------------------------- decoders
 
-    The decoder check/benchmark contract (what check.npz holds, prompt/generation lengths) is not defined yet.
-    When it is, this returns the same keys as bench_encoder with "decoder" filled in (see SCHEMA.md).
+
+class DecoderGraphs:
+    """A decoder bundle's "prefill" and "decode" graphs run as one model over an explicit state.
+
+    Both graphs take (input_ids, position, *state) and return (logits, *state): prefill takes
+    manifest["decoder"]["prefill_tokens"] tokens per call, decode one. A prompt runs through prefill in whole chunks
+    and the remainder through decode, which is exact: no padding token ever enters the cache.
     """
-    raise RunnerError(
-        f"decoder bundles (graphs prefill/decode) are not benchmarked by runner {RUNNER_VERSION} yet; "
-        "--verify works for them",
-        EXIT_USAGE,
-    )
+
+    def __init__(self, bundle: str, manifest: dict, threads: int | None) -> None:
+        io = manifest.get("io") or {}
+        if "decode" not in io or "prefill" not in io or "decoder" not in manifest:
+            raise RunnerError("manifest.json of a decoder needs io.prefill, io.decode and decoder", EXIT_BAD_FILES)
+        self.chunk = int(manifest["decoder"]["prefill_tokens"])
+        self.state_spec = [i for i in io["decode"]["inputs"] if i["name"] not in ("input_ids", "position")]
+        self.sessions = {}
+        for graph in ("prefill", "decode"):
+            graph_manifest = dict(manifest, io=io[graph])
+            self.sessions[graph] = SESSIONS[manifest["runtime"]](
+                graph_path(bundle, manifest, graph), graph_manifest, threads
+            )
+        self.info = self.sessions["decode"].info
+        self.calls = {"prefill": 0, "decode": 0}
+
+    def init_state(self) -> list:
+        import numpy as np
+
+        return [np.full(s["shape"], s.get("fill", 0.0), dtype=s["dtype"]) for s in self.state_spec]
+
+    def state_bytes(self) -> int:
+        return sum(a.nbytes for a in self.init_state())
+
+    def _call(self, graph: str, ids, position: int, state: list) -> tuple:
+        import numpy as np
+
+        session = self.sessions[graph]
+        feeds = {"input_ids": ids, "position": np.full((ids.shape[0],), position, dtype=np.int64)}
+        feeds.update((s["name"], a) for s, a in zip(self.state_spec, state))
+        try:
+            outputs = session.to_numpy(session.prepare(feeds)())
+        except RunnerError:
+            raise
+        except Exception as e:
+            message = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            raise RunnerError(f"the {graph} graph failed at position {position}: {message}") from None
+        self.calls[graph] += 1
+        return outputs[0], list(outputs[1:])
+
+    def feed(self, ids, position: int, state: list) -> tuple:
+        """Run ids (1, n) from `position`; returns (logits of the last token (1, vocab), new state)."""
+        n, i, logits = ids.shape[1], 0, None
+        while n - i >= self.chunk:
+            logits, state = self._call("prefill", ids[:, i : i + self.chunk], position + i, state)
+            i += self.chunk
+        while i < n:
+            logits, state = self._call("decode", ids[:, i : i + 1], position + i, state)
+            i += 1
+        return logits[:, -1], state
+
+
+def greedy(graphs: DecoderGraphs, prompt, max_new_tokens: int, eos_id: int | None = None) -> dict:
+    """Greedy generation: token ids, the first token's logits, time to first token and per-token decode times."""
+    import numpy as np
+
+    clock = time.perf_counter
+    t0 = clock()
+    logits, state = graphs.feed(np.ascontiguousarray(prompt, dtype=np.int64), 0, graphs.init_state())
+    first_logits = np.asarray(logits, dtype=np.float32)
+    tokens = [int(np.argmax(logits[0]))]
+    ttft = clock() - t0
+    step_s = []
+    n = prompt.shape[1]
+    while len(tokens) < max_new_tokens and tokens[-1] != eos_id:
+        t = clock()
+        logits, state = graphs.feed(np.array([[tokens[-1]]], dtype=np.int64), n + len(tokens) - 1, state)
+        tokens.append(int(np.argmax(logits[0])))
+        step_s.append(clock() - t)
+    return {"tokens": tokens, "first_logits": first_logits, "ttft_s": ttft, "step_s": step_s}
+
+
+def check_decoder(graphs: DecoderGraphs, check_in: dict, check_out: dict, validation: dict) -> dict:
+    """Greedy tokens from check.npz's prompt vs PyTorch's (`output.tokens`), plus the first logits within tolerance."""
+    import numpy as np
+
+    want_tokens = np.asarray(check_out["tokens"]).reshape(-1)
+    run = greedy(graphs, check_in["input_ids"], len(want_tokens))
+    got = np.asarray(run["tokens"][: len(want_tokens)])
+    agreement = float(np.mean(got == want_tokens[: len(got)])) if len(got) else 0.0
+    first_diverged = next((i for i, (a, b) in enumerate(zip(got, want_tokens)) if a != b), None)
+    result = compare_outputs({"logits": run["first_logits"]}, {"logits": check_out["logits"]}, validation)
+    need = validation.get("min_token_agreement", 1.0)
+    if agreement < need:
+        result["problems"].append(
+            "greedy tokens agree {:.3f} with PyTorch's (first difference at token {}), needs {:.3f}".format(
+                agreement, first_diverged, need
+            )
+        )
+    result.update(passed=not result["problems"], token_agreement=agreement, tokens=run["tokens"])
+    return result
+
+
+def bench_decoder(bundle: str, manifest: dict, args: argparse.Namespace) -> dict:
+    """Check a decoder bundle on check.npz, then time prefill (time to first token) and decode at each context."""
+    import numpy as np
+
+    check_in, check_out = load_check(bundle)
+    rss_before = _rss_mb("VmRSS")
+    t0 = time.perf_counter()
+    graphs = DecoderGraphs(bundle, manifest, args.threads)
+    load_ms = (time.perf_counter() - t0) * 1e3
+    rss_loaded = _rss_mb("VmRSS")
+    t0 = time.perf_counter()
+    check = check_decoder(graphs, check_in, check_out, manifest.get("validation") or {})
+    first_ms = (time.perf_counter() - t0) * 1e3
+
+    prompt = check_in["input_ids"].reshape(1, -1)
+    contexts = args.context or [args.seq or prompt.shape[1]]
+    cache_len = manifest["decoder"].get("cache_len")
+    sampler = Sampler(args.sample_ms / 1e3, gpu=False)
+    rows, all_ms = [], []
+    sampler.start()
+    try:
+        for context in contexts:
+            ids = np.resize(prompt, (1, context)).astype(np.int64)
+            t = time.perf_counter()
+            logits, state = graphs.feed(ids, 0, graphs.init_state())
+            prefill_ms = (time.perf_counter() - t) * 1e3
+            position = context
+
+            def step() -> None:  # greedy: feed back the argmax, as generation does
+                nonlocal logits, state, position
+                token = np.array([[int(np.argmax(logits[0]))]], dtype=np.int64)
+                logits, state = graphs.feed(token, position, state)
+                position += 1
+
+            for _ in range(args.warmup):
+                step()
+            times_ms = [s * 1e3 for s in time_runs(step, args.runs)]
+            all_ms.extend(times_ms)
+            rows.append(
+                {
+                    "context": context,
+                    "prefill_ms": prefill_ms,
+                    "decode_ms": _stats(times_ms),
+                    "tokens_per_s": 1e3 * len(times_ms) / sum(times_ms),
+                    "beyond_cache": bool(cache_len and context > cache_len),
+                }
+            )
+    finally:
+        power, thermal = sampler.stop(len(all_ms))
+    return {
+        "inputs": {"input_ids": {"shape": list(prompt.shape), "dtype": str(prompt.dtype)}},
+        "check": check,
+        "latency_ms": dict(rows[0]["decode_ms"], load=load_ms, first_run=first_ms),
+        "throughput": {"items_per_s": None, "tokens_per_s": rows[0]["tokens_per_s"]},
+        "memory": {"rss_before_load_mb": rss_before, "rss_after_load_mb": rss_loaded, "peak_rss_mb": _rss_mb("VmHWM")},
+        "power": power,
+        "thermal": thermal,
+        "samples_ms": [round(t, 6) for t in all_ms[: args.runs]],
+        "session_info": graphs.info,
+        "decoder": {
+            "prompt_tokens": int(prompt.shape[1]),
+            "prefill_tokens": graphs.chunk,
+            "cache_len": cache_len,
+            "state_bytes": graphs.state_bytes(),
+            "ttft_ms": rows[0]["prefill_ms"],
+            "contexts": rows,
+        },
+    }
 
 
 BENCHES = {"encoder": bench_encoder, "decoder": bench_decoder}
@@ -1069,6 +1229,7 @@ def bench(bundle: str, args: argparse.Namespace) -> dict:
             "warmup": args.warmup,
             "batch": args.batch,
             "seq": args.seq,
+            "context": getattr(args, "context", None),
             "threads": args.threads,
             "sample_ms": args.sample_ms,
         },
@@ -1101,6 +1262,10 @@ def _positive(text: str) -> int:
     return value
 
 
+def _contexts(text: str) -> list:
+    return [_positive(x) for x in text.split(",") if x.strip()]
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="runner.py", description="Verify, check and time an edgepipe bundle here.")
     p.add_argument("bundle", help="bundle directory (manifest.json, model file, check.npz)")
@@ -1111,6 +1276,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seq", type=_positive, default=None, help="sequence length of the timed inputs")
     p.add_argument("--threads", type=_positive, default=None, help="intra-op threads (default: runtime's)")
     p.add_argument("--sample-ms", type=float, default=100.0, help="power/temperature sampling period")
+    p.add_argument(
+        "--context",
+        type=_contexts,
+        default=None,
+        help="decoders: comma-separated context lengths to time decode at (default: the check prompt's length)",
+    )
     p.add_argument("--json", default="-", help="where to write the result ('-' = stdout)")
     return p
 

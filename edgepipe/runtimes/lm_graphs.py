@@ -1,0 +1,184 @@
+"""Decoder bundles' two graphs, lowered per runtime: a chunked prefill step and a one-token decode step.
+
+Both graphs are ``model.step`` at a fixed token count with the whole decode state as explicit inputs and outputs::
+
+    prefill: (input_ids (1, P), position (1,), *state) -> (logits (1, P, vocab), *state_out)
+    decode:  (input_ids (1, 1), position (1,), *state) -> (logits (1, 1, vocab), *state_out)
+
+Static shapes everywhere: XNNPACK, TensorRT and NPUs want them, the state has a fixed size anyway (full attention:
+``cache_len`` slots; windowed: a rolling 2W; Mamba-2: conv + SSM state), and the host runs a prompt through prefill
+in whole chunks of P tokens and the remainder through decode (``harness.runner.DecoderGraphs``), which is exact:
+no padding token ever enters the cache.
+
+Precision plans for decoders:
+
+- ``fp32``; ``fp16`` (onnxruntime: weights and compute fp16, fp32 inputs/outputs);
+- ``int8-dynamic`` (onnxruntime: INT8 weights, activations quantized per call);
+- ``a8w16``: the tiered INT8 KV cache (``models.kv_cache.TieredDecoder``, calibrated per-channel K scales, per-token
+  V scales): the state itself is INT8 for everything but the newest ``active`` tokens. Weights and compute stay
+  in fp32 on CPU runtimes (ONNX Runtime's and XNNPACK's fp16 GEMMs on x86 are emulated and slower); the manifest
+  says so.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from edgepipe.config import DECODER_PRECISIONS as PRECISIONS
+from edgepipe.config import Target
+from edgepipe.errors import BuildError, UsageError
+from edgepipe.models.decoder import DecodeGraph
+from edgepipe.runtimes import Lowered
+
+GRAPHS = ("prefill", "decode")
+PREFILL_TOKENS = 32
+EXTENSIONS = {"onnxruntime": ".onnx", "executorch": ".pte"}
+
+
+def precisions(runtime: str) -> tuple[str, ...]:
+    return PRECISIONS.get(runtime, ())
+
+
+def prefill_tokens(model: nn.Module) -> int:
+    """Tokens per prefill call: ``PREFILL_TOKENS``, at most the tiered cache's active region and the window."""
+    inner = getattr(model, "model", model)
+    limits = [PREFILL_TOKENS, getattr(model, "active", PREFILL_TOKENS)]
+    spec = getattr(inner, "spec", None)
+    if spec is not None and spec.kind == "windowed":
+        limits.append(spec.window)
+    return int(min(limits))
+
+
+def state_io(model: nn.Module) -> list[dict]:
+    """The state tensors as manifest entries ``{"name", "dtype", "shape", "fill"}`` (fill: the empty state's value)."""
+    entries = []
+    for name, t in zip(model.state_names, model.init_state(1), strict=True):
+        fill = float(t.flatten()[0]) if t.numel() else 0.0
+        entries.append(
+            {"name": name, "dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape), "fill": fill}
+        )
+    return entries
+
+
+def graph_io(model: nn.Module, tokens: int) -> dict[str, dict[str, list[dict]]]:
+    """``{"prefill": {"inputs", "outputs"}, "decode": {...}}`` for the chunked step graphs (see module docstring)."""
+    state = state_io(model)
+    vocab = model.lm_head.out_features
+
+    def step(t: int) -> dict[str, list[dict]]:
+        return {
+            "inputs": [
+                {"name": "input_ids", "dtype": "int64", "shape": [1, t]},
+                {"name": "position", "dtype": "int64", "shape": [1]},
+                *state,
+            ],
+            "outputs": [
+                {"name": "logits", "dtype": "float32", "shape": [1, t, vocab]},
+                *[{**s, "name": s["name"] + "_out"} for s in state],
+            ],
+        }
+
+    return {"prefill": step(tokens), "decode": step(1)}
+
+
+def example_inputs(model: nn.Module, tokens: int) -> tuple[Tensor, ...]:
+    """Trace inputs: ``tokens`` ids at position 0 against the empty state."""
+    ids = torch.arange(tokens, dtype=torch.long).reshape(1, tokens) % model.lm_head.out_features
+    return (ids, torch.zeros(1, dtype=torch.long), *model.init_state(1))
+
+
+def lower_decoder(model: nn.Module, target: Target, precision: str, out_dir: Path) -> Lowered:
+    """Write ``prefill`` and ``decode`` graphs of ``model`` for ``target``'s runtime at ``precision``.
+
+    Args:
+        model: A DecoderLM, MambaLM or TieredDecoder (a8w16) in eval mode.
+        target: Its ``runtime`` picks the lowering (onnxruntime or executorch + XNNPACK).
+        precision: One of ``precisions(target.runtime)``; ``a8w16`` expects a TieredDecoder.
+        out_dir: Where to write ``prefill.<ext>`` and ``decode.<ext>``.
+
+    Raises:
+        UsageError: A runtime or precision decoder bundles do not support.
+        BuildError: Export or lowering failed (the first line of the exporter's error).
+    """
+    runtime = target.runtime
+    if runtime not in PRECISIONS:
+        raise UsageError(
+            f"Target {target.name} runs {runtime}; decoder bundles lower to onnxruntime and executorch targets.",
+            hint="Pick a target such as host-cpu, arm64-cpu, android-arm64 or raspberry-pi-5.",
+        )
+    if precision not in PRECISIONS[runtime]:
+        raise UsageError(
+            f"Decoder precision '{precision}' is not available on {runtime}; "
+            f"it lowers {', '.join(PRECISIONS[runtime])}.",
+            hint=f"Use --precision {PRECISIONS[runtime][0]}.",
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokens = prefill_tokens(model)
+    files, report = {}, {"prefill_tokens": tokens, "precision": precision}
+    for graph, t in (("prefill", tokens), ("decode", 1)):
+        path = out_dir / f"{graph}{EXTENSIONS[runtime]}"
+        inputs = example_inputs(model, t)
+        if runtime == "onnxruntime":
+            report[graph] = _lower_onnx(model, inputs, precision, path)
+        else:
+            report[graph] = _lower_executorch(model, inputs, target, path)
+        files[graph] = path
+    report["weights"] = "fp16" if precision == "fp16" else "int8" if precision == "int8-dynamic" else "fp32"
+    if precision == "a8w16":
+        report["note"] = (
+            "KV cache archive INT8 (calibrated per-channel K, per-token V scales), newest tokens fp16; "
+            "weights and compute fp32 on this CPU runtime"
+        )
+    return Lowered(files=files, report=report)
+
+
+def _lower_onnx(model: nn.Module, inputs: tuple[Tensor, ...], precision: str, path: Path) -> dict:
+    import onnx
+
+    from edgepipe.runtimes.onnxruntime import apply_precision, export_onnx
+
+    names = ["input_ids", "position", *model.state_names]
+    outputs = ["logits", *(n + "_out" for n in model.state_names)]
+    fp32 = path.with_suffix(".fp32.onnx")
+    export_onnx(DecodeGraph(model), inputs, fp32, names, outputs, {})
+    plan = {"a8w16": "fp32"}.get(precision, precision)
+    try:
+        done = apply_precision(fp32, path, plan)
+    finally:
+        fp32.unlink(missing_ok=True)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {**done, "ops": dict(Counter(n.op_type for n in graph.node)), "inputs": [i.name for i in graph.input]}
+
+
+def _lower_executorch(model: nn.Module, inputs: tuple[Tensor, ...], target: Target, path: Path) -> dict:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    from edgepipe.runtimes.executorch import _export, _op_name, _to_backend
+
+    edge = _to_backend(_export(DecodeGraph(model), inputs, target), [XnnpackPartitioner()], {}, target)
+    calls = [n for n in edge.exported_program().graph_module.graph.nodes if n.op == "call_function"]
+    delegated = sum("executorch_call_delegate" in str(n.target) for n in calls)
+    outside = Counter(
+        _op_name(n.target)
+        for n in calls
+        if not any(k in str(n.target) for k in ("executorch_call_delegate", "getitem"))
+    )
+    try:
+        path.write_bytes(edge.to_executorch().buffer)
+    except Exception as exc:  # serialisation errors name the op that has no out-variant kernel
+        raise BuildError(f"ExecuTorch could not serialise {path.name}: {exc}".splitlines()[0]) from exc
+    return {"backend": "xnnpack", "delegates": delegated, "outside_delegates": dict(outside)}
+
+
+def logits_close(got: np.ndarray, want: np.ndarray) -> dict:
+    """Max-abs difference and top-1 agreement of two (tokens, vocab) logit arrays."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return {
+        "max_abs_error": float(np.abs(got - want).max()),
+        "top1_agreement": float(np.mean(got.argmax(-1) == want.argmax(-1))),
+    }

@@ -1,0 +1,168 @@
+"""Decoder bundles end to end: a tiny LM pretrained on the shipped text becomes prefill + decode graphs that
+onnxruntime and ExecuTorch run; the bundle generates eager PyTorch's tokens, and the runner benchmarks it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from edgepipe import pipeline
+from edgepipe.bundle import check_bundle, generate, open_bundle
+from edgepipe.config import resolve_run_config
+from edgepipe.errors import BundleError, UsageError
+from edgepipe.harness import runner
+from edgepipe.models.decoder import generate as generate_eager
+from edgepipe.models.hf_decoders import load_decoder
+
+TINY_LM = """
+description = "tiny decoder for tests"
+kind = "decoder"
+teacher = "pretrain"
+
+[model]
+hidden = 64
+layers = 2
+heads = 4
+kv_heads = 2
+ffn = 128
+max_context = 128
+
+[tokenizer]
+vocab_size = 512
+
+[pretrain]
+steps = 30
+batch_size = 8
+seq_len = 64
+lr = 5e-3
+eval_tokens = 1024
+warmup_steps = 3
+checkpoint_every = 10
+
+[kv_cache]
+active = 48
+calibration_windows = 4
+"""
+PROMPT = (
+    "The function returns a list of the names of the files in the directory given by path, in arbitrary order, "
+    "and raises an error when the directory cannot be read"
+)
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    """The recipe, a shared stage cache (its pretrain runs once, ~15 s), and a bundle builder."""
+    root = tmp_path_factory.mktemp("lm")
+    recipe = root / "tiny-lm.toml"
+    recipe.write_text(TINY_LM)
+
+    def build(target: str = "host-cpu", precision: str | None = "fp32", out=root / "out"):
+        cfg = resolve_run_config(str(recipe), target, precision, out)
+        return pipeline.build(cfg, cache_root=root / "cache")
+
+    return build
+
+
+def _eager(bundle) -> torch.nn.Module:
+    """The pretrained model the bundle was lowered from, in PyTorch."""
+    return load_decoder(bundle.manifest["source_model"]["path"], max_context=128)
+
+
+def test_fp32_bundle_holds_two_graphs_and_matches_pytorch_on_held_back_text(lm):
+    bundle = lm()
+    m = open_bundle(bundle.path)  # every sha256 verified
+    assert m["kind"] == "decoder"
+    assert set(m["files"]) == {"prefill.onnx", "decode.onnx", "tokenizer.json", "check.npz"}
+    assert [r["stage"] for r in m["stages"]] == ["pretrain", "reference", "lower", "validate", "latency"]
+    io = m["io"]
+    assert [i["name"] for i in io["decode"]["inputs"]] == ["input_ids", "position", "k_cache", "v_cache"]
+    assert io["prefill"]["inputs"][0]["shape"] == [1, m["decoder"]["prefill_tokens"]]
+    lowered, model = m["fidelity"]["lowered"], m["fidelity"]["model"]
+    # teacher-forced through the graphs' KV cache, the artifact predicts what the no-cache PyTorch forward does
+    assert lowered["top1_vs_pytorch"] == 1.0
+    assert lowered["perplexity"] == pytest.approx(model["perplexity"], rel=1e-4)
+    # 30 steps of pretraining beat a uniform guess over 512 tokens on unseen text
+    assert model["perplexity"] < 300
+    assert check_bundle(bundle.path).passed
+
+
+def test_generation_from_the_bundle_equals_eager_pytorch(lm):
+    bundle = lm()
+    model = _eager(bundle)
+    out = generate(bundle.path, PROMPT, max_new_tokens=20)
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(bundle.path / "tokenizer.json")).encode(PROMPT, add_special_tokens=False).ids
+    assert len(ids) > bundle.manifest["decoder"]["prefill_tokens"]  # one prefill chunk, then decode steps
+    want = generate_eager(model, torch.tensor([ids]), 20)[0, len(ids) :].tolist()
+    eos = bundle.manifest["decoder"]["eos_id"]
+    want = want[: want.index(eos) + 1] if eos in want else want
+    assert out.tokens == want
+    assert out.ttft_ms > 0
+
+
+def test_a8w16_bundle_keeps_an_int8_kv_cache_and_tracks_fp32(lm, tmp_path):
+    bundle = lm(precision="a8w16", out=tmp_path)
+    m = bundle.manifest
+    dtypes = {i["name"]: i["dtype"] for i in m["io"]["decode"]["inputs"]}
+    assert dtypes["k_archive"] == dtypes["v_archive"] == "int8" and dtypes["k_active"] == "float16"
+    kv = m["lowering"]["kv_cache"]["bytes_at_cache_len"]
+    fp16_cache = 2 * 2 * 128 * 2 * 16 * 2  # K and V, layers, slots, kv_heads, head_dim, fp16 bytes
+    assert kv["total"] < 0.75 * fp16_cache
+    # held-back windows (129 tokens) run past the 48 active slots, so the INT8 archive is read
+    assert m["fidelity"]["lowered"]["top1_vs_pytorch"] >= 0.95
+    assert check_bundle(bundle.path).passed
+
+
+def test_runner_benchmarks_a_decoder_at_several_contexts(lm, tmp_path):
+    bundle = lm()
+    out = tmp_path / "bench.json"
+    code = runner.main([str(bundle.path), "--runs", "5", "--warmup", "1", "--context", "40,100", "--json", str(out)])
+    record = json.loads(out.read_text())
+    assert code == 0 and record["check"]["passed"] and record["check"]["token_agreement"] == 1.0
+    rows = record["decoder"]["contexts"]
+    assert [r["context"] for r in rows] == [40, 100]
+    assert all(r["tokens_per_s"] > 0 and r["prefill_ms"] > 0 for r in rows)
+    assert record["decoder"]["state_bytes"] == 2 * 2 * 128 * 2 * 16 * 4
+
+
+def test_corrupt_decode_graph_is_one_clear_error(lm, tmp_path):
+    bundle = lm()
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle.path, copy)
+    (copy / "decode.onnx").write_bytes(b"not a graph")
+    with pytest.raises(BundleError, match="decode.onnx"):
+        generate(copy, PROMPT)
+
+
+@pytest.mark.parametrize(
+    ("target", "precision", "message"),
+    [("jetson-orin-nano", None, "decoder bundles need an onnxruntime or executorch"), ("host-cpu", "w8a8", "lowers")],
+)
+def test_unsupported_target_or_precision_is_refused_before_building(lm, tmp_path, target, precision, message):
+    with pytest.raises(UsageError, match=message):
+        lm(target=target, precision=precision, out=tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_generate_refuses_an_encoder_bundle(tmp_path, tiny_checkpoint):
+    cfg = resolve_run_config(str(tiny_checkpoint), "host-cpu", "fp32", tmp_path, ("validate.samples=16",))
+    bundle = pipeline.build(cfg)
+    with pytest.raises(UsageError, match="needs a decoder bundle"):
+        generate(bundle.path, PROMPT)
+
+
+def test_executorch_bundle_generates_eager_tokens(lm, tmp_path):
+    """android-arm64: the .pte graphs run in ExecuTorch's runtime here (~1 min: two XNNPACK lowerings)."""
+    pytest.importorskip("executorch.exir")
+    bundle = lm(target="android-arm64", out=tmp_path)
+    assert set(bundle.manifest["graphs"].values()) == {"prefill.pte", "decode.pte"}
+    assert bundle.manifest["fidelity"]["lowered"]["top1_vs_pytorch"] == 1.0
+    ids = np.asarray(runner.load_check(str(bundle.path))[0]["input_ids"])
+    want = generate_eager(_eager(bundle), torch.from_numpy(ids), 16)[0, ids.shape[1] :].tolist()
+    report = check_bundle(bundle.path)  # greedy through prefill.pte + decode.pte
+    assert report.passed and report.result["tokens"] == want
