@@ -119,6 +119,74 @@ def summarize(scores: dict[str, np.ndarray], teacher: np.ndarray, reference: np.
     return out
 
 
+def tiered_decoder(model, tok, kv: dict, name: str = "the model"):
+    """``model`` over the tiered INT8 KV cache, K scales calibrated on real text; returns (module, manifest facts).
+
+    Args:
+        model: A full-attention DecoderLM.
+        tok: Its tokenizer (``tokenizers.Tokenizer``).
+        kv: The recipe's ``[kv_cache]`` table (active, active_dtype, v_scales, calibration, calibration_windows).
+        name: For the error message.
+    """
+    from edgepipe.models.kv_cache import TieredDecoder, cache_bytes, calibrate_on_text
+
+    if getattr(getattr(model, "spec", None), "kind", None) != "full":
+        raise UsageError(
+            f"Precision a8w16 stores the KV cache of full attention in INT8; {name} is "
+            f"{getattr(model.cfg, 'attention', 'mamba2')}.",
+            hint="Use --precision fp32: windowed caches stay 2W slots, Mamba-2 keeps a fixed state.",
+        )
+    sentences = read_sentences(kv.get("calibration", "calibration.txt"))
+    seq = min(256, model.cfg.cache_len)
+    scales = calibrate_on_text(model, tok, sentences, seq, kv.get("calibration_windows", 32))
+    dtype = torch.float16 if kv.get("active_dtype", "float16") == "float16" else torch.float32
+    tiered = TieredDecoder(model, scales, kv.get("active", 128), dtype, kv.get("v_scales", "token"))
+    return tiered, {"kv_cache": {**kv, "bytes_at_cache_len": cache_bytes(tiered, model.cfg.cache_len)}}
+
+
+WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8-dynamic": 1.0, "a8w16": 4.0}  # a8w16: fp32 weights on CPU runtimes
+
+
+def decoder_facts(model, module, prefill_tokens: int, precision: str) -> dict:
+    """The manifest's ``decoder`` block: form, chunking, cache and state sizes, and decode memory."""
+    from edgepipe.models.decoder import DecoderLM
+
+    state = int(sum(t.numel() * t.element_size() for t in module.init_state(1)))
+    weights = int(sum(p.numel() for p in model.parameters()) * WEIGHT_BYTES[precision])  # parameters() dedups ties
+    facts = {
+        "form": model.cfg.attention if isinstance(model, DecoderLM) else "mamba2",
+        "prefill_tokens": prefill_tokens,
+        "cache_len": getattr(model.cfg, "cache_len", None),
+        "max_context": model_context(model),
+        "vocab_size": model.lm_head.out_features,
+        "state_bytes": state,
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "decode_memory_bytes": {"weights": weights, "cache": state, "total": weights + state},
+    }
+    if isinstance(model, DecoderLM):
+        from edgepipe.models.kv_cache import decode_memory
+
+        # the graphs' state is the cache: fp32 for plain caches, INT8 + fp16 for the tiered one
+        facts["decode_memory_bytes"] = decode_memory(
+            module, model.cfg.cache_len, weight_bytes=WEIGHT_BYTES[precision], cache_dtype=torch.float32
+        )
+    return facts
+
+
+def open_graphs(directory: Path, target, meta: dict, threads: int | None = None):
+    """``harness.runner.DecoderGraphs`` over lowered graphs in ``directory`` (``meta``: files, io, decoder)."""
+    from edgepipe.harness.runner import DecoderGraphs
+
+    manifest = {
+        "runtime": target.runtime,
+        "target": target.to_dict(),
+        "io": meta["io"],
+        "decoder": meta["decoder"],
+        "graphs": meta["files"],
+    }
+    return DecoderGraphs(str(directory), manifest, threads)
+
+
 class DecoderBuild:
     """One decoder build: the stage records for the manifest and the models they load."""
 
@@ -247,22 +315,7 @@ class DecoderBuild:
         """The module the graphs are traced from: the model, or the model over the tiered INT8 KV cache (a8w16)."""
         if precision != "a8w16":
             return model, {}
-        from edgepipe.models.kv_cache import TieredDecoder, cache_bytes, calibrate_on_text
-
-        kv = (self.recipe.decoder or {}).get("kv_cache", {})
-        if model.spec.kind != "full":
-            raise UsageError(
-                f"Precision a8w16 stores the KV cache of full attention in INT8; {self.recipe.name} uses "
-                f"{model.cfg.attention!r}.",
-                hint="Use --precision fp32: windowed caches stay 2W slots, Mamba-2 keeps a fixed state.",
-            )
-        sentences = read_sentences(kv.get("calibration", "calibration.txt"))
-        scales = calibrate_on_text(
-            model, tok, sentences, min(256, model.cfg.cache_len), kv.get("calibration_windows", 32)
-        )
-        dtype = torch.float16 if kv.get("active_dtype", "float16") == "float16" else torch.float32
-        tiered = TieredDecoder(model, scales, kv.get("active", 128), dtype, kv.get("v_scales", "token"))
-        return tiered, {"kv_cache": {**kv, "bytes_at_cache_len": cache_bytes(tiered, model.cfg.cache_len)}}
+        return tiered_decoder(model, tok, (self.recipe.decoder or {}).get("kv_cache", {}), self.recipe.name)
 
     def lower_stage(self, model_hash: str, load_model, precision: str, tok) -> StageResult:
         from edgepipe.models.decoder import generate
@@ -296,30 +349,11 @@ class DecoderBuild:
                 "files": {role: p.name for role, p in lowered.files.items()},
                 "report": {**lowered.report, **extra},
                 "io": graph_io(module, lowered.report["prefill_tokens"]),
-                "decoder": self.decoder_facts(model, module, lowered.report["prefill_tokens"]),
+                "decoder": decoder_facts(model, module, lowered.report["prefill_tokens"], precision),
                 "bytes": sum(p.stat().st_size for p in lowered.files.values()),
             }
 
         return self.stage("lower", payload, run, f"lower prefill + decode to {target.runtime} ({precision})")
-
-    def decoder_facts(self, model, module, prefill_tokens: int) -> dict:
-        from edgepipe.models.decoder import DecoderLM
-
-        facts = {
-            "form": model.cfg.attention if isinstance(model, DecoderLM) else "mamba2",
-            "prefill_tokens": prefill_tokens,
-            "cache_len": getattr(model.cfg, "cache_len", None),
-            "max_context": model_context(model),
-            "vocab_size": model.lm_head.out_features,
-            "state_bytes": int(sum(t.numel() * t.element_size() for t in module.init_state(1))),
-            "parameters": int(sum(p.numel() for p in model.parameters())),
-        }
-        if isinstance(model, DecoderLM):
-            from edgepipe.models.kv_cache import decode_memory
-
-            weight_bytes = 4.0 if self.cfg.precision != "fp16" else 2.0
-            facts["decode_memory_bytes"] = decode_memory(module, model.cfg.cache_len, weight_bytes=weight_bytes)
-        return facts
 
     def graphs(self, lowered: StageResult, threads: int | None = None):
         from edgepipe.harness.runner import DecoderGraphs

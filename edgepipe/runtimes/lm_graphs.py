@@ -45,8 +45,11 @@ def precisions(runtime: str) -> tuple[str, ...]:
 
 
 def prefill_tokens(model: nn.Module) -> int:
-    """Tokens per prefill call: ``PREFILL_TOKENS``, at most the tiered cache's active region and the window."""
+    """Tokens per prefill call: ``PREFILL_TOKENS``, at most the tiered cache's active region and the window;
+    Mamba-2 prefills one scan chunk per call (its chunked form takes whole chunks)."""
     inner = getattr(model, "model", model)
+    if not hasattr(inner, "spec"):  # MambaLM
+        return int(inner.cfg.chunk_size)
     limits = [PREFILL_TOKENS, getattr(model, "active", PREFILL_TOKENS)]
     spec = getattr(inner, "spec", None)
     if spec is not None and spec.kind == "windowed":
