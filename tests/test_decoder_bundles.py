@@ -76,8 +76,11 @@ def test_fp32_bundle_holds_two_graphs_and_matches_pytorch_on_held_back_text(lm):
     bundle = lm()
     m = open_bundle(bundle.path)  # every sha256 verified
     assert m["kind"] == "decoder"
-    assert set(m["files"]) == {"prefill.onnx", "decode.onnx", "tokenizer.json", "check.npz"}
+    assert set(m["files"]) == {"prefill.onnx", "decode.onnx", "weights.bin", "tokenizer.json", "check.npz"}
     assert [r["stage"] for r in m["stages"]] == ["pretrain", "reference", "lower", "validate", "latency"]
+    # both graphs read one external weights file: each weight stored once, not once per graph
+    assert m["files"]["weights.bin"]["bytes"] < 1.5 * 4 * m["decoder"]["parameters"]
+    assert m["files"]["decode.onnx"]["bytes"] < 0.1 * m["files"]["weights.bin"]["bytes"]
     io = m["io"]
     assert [i["name"] for i in io["decode"]["inputs"]] == ["input_ids", "position", "k_cache", "v_cache"]
     assert io["prefill"]["inputs"][0]["shape"] == [1, m["decoder"]["prefill_tokens"]]

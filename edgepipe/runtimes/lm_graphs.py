@@ -131,6 +131,9 @@ def lower_decoder(model: nn.Module, target: Target, precision: str, out_dir: Pat
         else:
             report[graph] = _lower_executorch(model, inputs, target, path)
         files[graph] = path
+    if runtime == "onnxruntime":
+        files["weights"] = share_weights([files["prefill"], files["decode"]], out_dir / "weights.bin")
+        report["shared_weights"] = {"file": "weights.bin", "bytes": files["weights"].stat().st_size}
     report["weights"] = "fp16" if precision == "fp16" else "int8" if precision == "int8-dynamic" else "fp32"
     if precision == "a8w16":
         report["note"] = (
@@ -156,6 +159,41 @@ def _lower_onnx(model: nn.Module, inputs: tuple[Tensor, ...], precision: str, pa
         fp32.unlink(missing_ok=True)
     graph = onnx.load(str(path), load_external_data=False).graph
     return {**done, "ops": dict(Counter(n.op_type for n in graph.node)), "inputs": [i.name for i in graph.input]}
+
+
+def share_weights(graphs: list[Path], blob: Path, threshold: int = 1024, align: int = 4096) -> Path:
+    """Move the initializers of ``graphs`` into one external-data file, each distinct tensor stored once.
+
+    The prefill and decode graphs hold the same weights; inline, a bundle would carry them twice. Offsets are
+    page-aligned so ONNX Runtime can memory-map the file.
+    """
+    import hashlib
+
+    import onnx
+    from onnx import numpy_helper
+
+    index: dict[bytes, tuple[int, int]] = {}
+    with blob.open("wb") as f:
+        for path in graphs:
+            model = onnx.load(str(path))
+            for t in model.graph.initializer:
+                arr = numpy_helper.to_array(t)
+                if arr.nbytes < threshold:
+                    continue
+                raw = arr.tobytes()
+                key = hashlib.sha256(raw).digest() + str(arr.dtype).encode()
+                if key not in index:
+                    f.write(b"\0" * (-f.tell() % align))
+                    index[key] = (f.tell(), len(raw))
+                    f.write(raw)
+                offset, length = index[key]
+                t.CopyFrom(numpy_helper.from_array(arr, t.name))
+                t.ClearField("raw_data")
+                t.data_location = onnx.TensorProto.EXTERNAL
+                for k, v in (("location", blob.name), ("offset", str(offset)), ("length", str(length))):
+                    t.external_data.add(key=k, value=v)
+            onnx.save(model, str(path))
+    return blob
 
 
 def _lower_executorch(model: nn.Module, inputs: tuple[Tensor, ...], target: Target, path: Path) -> dict:
