@@ -288,7 +288,7 @@ def _decoder_tables(f: _Fields) -> dict:
         "model": {x.name for x in fields(DecoderConfig)} - {"vocab_size"},
         "tokenizer": {"vocab_size"},
         "pretrain": {x.name for x in fields(PretrainConfig)} - {"vocab_size"},
-        "kv_cache": {"active", "active_dtype", "v_scales", "calibration", "calibration_windows"},
+        "kv_cache": {"active", "active_dtype", "v_scales", "calibration", "calibration_windows", "boundaries"},
     }
     tables = {}
     for name, keys in known.items():

@@ -33,6 +33,7 @@ from edgepipe.pipeline import Bundle, checkpoint_hash, run_stage, staged_bundle
 from edgepipe.progress import Progress
 from edgepipe.runtimes.lm_graphs import graph_io, lower_decoder
 
+GRAPHS_FORMAT = 2  # bump when the lowered graphs change for the same inputs (2: a8w16 INT8 layer boundaries)
 EVAL_WINDOWS = 8
 EVAL_TOKENS = 256  # per window, capped by the model's context
 CHECK_PROMPT_TOKENS = 24
@@ -140,7 +141,8 @@ def tiered_decoder(model, tok, kv: dict, name: str = "the model"):
     seq = min(256, model.cfg.cache_len)
     scales = calibrate_on_text(model, tok, sentences, seq, kv.get("calibration_windows", 32))
     dtype = torch.float16 if kv.get("active_dtype", "float16") == "float16" else torch.float32
-    tiered = TieredDecoder(model, scales, kv.get("active", 128), dtype, kv.get("v_scales", "token"))
+    boundaries = kv.get("boundaries", True)
+    tiered = TieredDecoder(model, scales, kv.get("active", 128), dtype, kv.get("v_scales", "token"), boundaries)
     return tiered, {"kv_cache": {**kv, "bytes_at_cache_len": cache_bytes(tiered, model.cfg.cache_len)}}
 
 
@@ -330,6 +332,7 @@ class DecoderBuild:
             "precision": precision,
             "kv_cache": kv,
             "check": self.recipe.validate.data,
+            "graphs": GRAPHS_FORMAT,
         }
 
         def run(out: Path) -> dict:

@@ -46,6 +46,9 @@ checkpoint_every = 10
 [kv_cache]
 active = 48
 calibration_windows = 4
+
+[quantize]
+fidelity_budget = 0.05
 """
 PROMPT = (
     "The function returns a list of the names of the files in the directory given by path, in arbitrary order, "
@@ -117,6 +120,7 @@ def test_a8w16_bundle_keeps_an_int8_kv_cache_and_tracks_fp32(lm, tmp_path):
     fp16_cache = 2 * 2 * 128 * 2 * 16 * 2  # K and V, layers, slots, kv_heads, head_dim, fp16 bytes
     assert kv["total"] < 0.75 * fp16_cache
     # held-back windows (129 tokens) run past the 48 active slots, so the INT8 archive is read
+    assert m["precision"] == "a8w16" and "layer boundary" in m["lowering"]["note"]
     assert m["fidelity"]["lowered"]["top1_vs_pytorch"] >= 0.95
     assert check_bundle(bundle.path).passed
 

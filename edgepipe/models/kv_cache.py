@@ -42,10 +42,12 @@ QMAX = 127.0
 
 @dataclass(frozen=True)
 class KVScales:
-    """Calibrated ranges: ``k_absmax`` (layers, kv_heads, head_dim), RoPE-pair-aware; ``v_absmax`` (layers, heads)."""
+    """Calibrated ranges: ``k_absmax`` (layers, kv_heads, head_dim), RoPE-pair-aware; ``v_absmax`` (layers, heads);
+    ``act_absmax`` (layers + 1, hidden): the residual stream entering each layer and the final norm."""
 
     k_absmax: Tensor
     v_absmax: Tensor
+    act_absmax: Tensor | None = None
 
 
 def _pair_norm(k: Tensor) -> Tensor:
@@ -64,18 +66,31 @@ def calibrate(model: DecoderLM, batches: list[Tensor]) -> KVScales:
         batches: Token windows, each (batch, seq) int64, e.g. ``windows(encode_text(tok, calibration), 256)``.
 
     Returns:
-        ``KVScales`` with the largest RoPE-pair norm per K channel and the largest |v| per head.
+        ``KVScales`` with the largest RoPE-pair norm per K channel, the largest |v| per head and the largest
+        |x| per channel of the residual stream at each layer boundary.
     """
-    k_max = v_max = None
-    for ids in batches:
-        _, keys, values = model._layers(ids, None)
-        k = torch.stack([_pair_norm(x).amax(dim=(0, 2)) for x in keys])  # (layers, kv_heads, head_dim)
-        v = torch.stack([x.abs().amax(dim=(0, 2, 3)) for x in values])  # (layers, kv_heads)
-        k_max = k if k_max is None else torch.maximum(k_max, k)
-        v_max = v if v_max is None else torch.maximum(v_max, v)
+    k_max = v_max = a_max = None
+    boundaries: list[Tensor] = []  # the residual stream entering each layer's norm and the final norm
+    norms = [layer.attn_norm for layer in model.layers] + [model.norm]
+    hooks = [
+        n.register_forward_pre_hook(lambda _, args: boundaries.append(args[0].abs().amax(dim=(0, 1)))) for n in norms
+    ]
+    try:
+        for ids in batches:
+            boundaries.clear()
+            _, keys, values = model._layers(ids, None)
+            k = torch.stack([_pair_norm(x).amax(dim=(0, 2)) for x in keys])  # (layers, kv_heads, head_dim)
+            v = torch.stack([x.abs().amax(dim=(0, 2, 3)) for x in values])  # (layers, kv_heads)
+            a = torch.stack(boundaries)  # (layers + 1, hidden)
+            k_max = k if k_max is None else torch.maximum(k_max, k)
+            v_max = v if v_max is None else torch.maximum(v_max, v)
+            a_max = a if a_max is None else torch.maximum(a_max, a)
+    finally:
+        for h in hooks:
+            h.remove()
     if k_max is None:
         raise UsageError("calibrate() got no batches; pass at least one window of calibration tokens.")
-    return KVScales(k_absmax=k_max, v_absmax=v_max)
+    return KVScales(k_absmax=k_max, v_absmax=v_max, act_absmax=a_max)
 
 
 def calibrate_on_text(
@@ -112,6 +127,9 @@ class TieredDecoder(nn.Module):
         active: Tokens kept in full precision (the newest); ``active >= cache_len`` means no archive.
         active_dtype: torch.float16 (default) or torch.float32.
         v_scales: ``"token"`` (per-token dynamic, stored in the state) or ``"head"`` (static, calibrated).
+        boundaries: Also round the residual stream to INT8 where it enters each layer and the final norm, with the
+            calibrated per-channel scales (``scales.act_absmax``): the a8w16 plan's activations at layer
+            boundaries, exactly as a runtime that stores them in INT8 would see them.
     """
 
     def __init__(
@@ -121,6 +139,7 @@ class TieredDecoder(nn.Module):
         active: int = 128,
         active_dtype: torch.dtype = torch.float16,
         v_scales: Literal["token", "head"] = "token",
+        boundaries: bool = False,
     ) -> None:
         super().__init__()
         if model.spec.kind != "full":
@@ -140,6 +159,19 @@ class TieredDecoder(nn.Module):
         self.register_buffer("k_scale", k_scale.reshape(layers, 1, kvh, 1, d), persistent=False)
         v_scale = torch.clamp(scales.v_absmax, min=1e-6) / QMAX
         self.register_buffer("v_head_scale", v_scale.reshape(layers, 1, kvh, 1, 1), persistent=False)
+        self.boundaries = boundaries
+        if boundaries:
+            if scales.act_absmax is None:
+                raise UsageError("boundaries=True needs scales from calibrate() with act_absmax.")
+            act = torch.clamp(scales.act_absmax, min=1e-6) / QMAX  # (layers + 1, hidden)
+            self.register_buffer("act_scale", act.reshape(act.shape[0], 1, 1, act.shape[1]), persistent=False)
+
+    def _boundary(self, i: int, x: Tensor) -> Tensor:
+        """The residual stream as INT8 at boundary i would hold it (identity without ``boundaries``)."""
+        if not self.boundaries:
+            return x
+        s = self.act_scale[i]
+        return torch.clamp(torch.round(x / s), -QMAX, QMAX) * s
 
     @property
     def state_names(self) -> tuple[str, ...]:
@@ -182,7 +214,19 @@ class TieredDecoder(nn.Module):
 
     @torch.no_grad()
     def prefill(self, input_ids: Tensor) -> tuple[Tensor, ...]:
-        """Prompt -> (logits (batch, seq, vocab), *state): the float cache split into archive and active."""
+        """Prompt -> (logits (batch, seq, vocab), *state): the float cache split into archive and active.
+
+        With ``boundaries`` the prompt runs through ``step`` in chunks of ``active`` tokens, so the INT8 boundaries
+        apply to every token.
+        """
+        if self.boundaries:
+            b, n = input_ids.shape
+            state, parts = self.init_state(b), []
+            for i in range(0, n, self.active):
+                position = torch.full((b,), i, dtype=torch.long)
+                logits, *state = self.step(input_ids[:, i : i + self.active], position, *state)
+                parts.append(logits)
+            return (torch.cat(parts, dim=1), *state)
         logits, k_full, v_full = self.model.prefill(input_ids)
         a = self.archived
         k_arch, v_arch, v_scales = [], [], []
@@ -227,6 +271,7 @@ class TieredDecoder(nn.Module):
         new = {name: [] for name in ("k_arch", "v_arch", "v_scale", "k_act", "v_act")}
         a = self.archived
         for i, layer in enumerate(m.layers):
+            x = self._boundary(i, x)
             k_old, v_old = self._dequant(i, k_arch, v_arch, v_scale)
             k_cache = torch.cat([k_old, k_act[i].to(torch.float32)], dim=2)
             v_cache = torch.cat([v_old, v_act[i].to(torch.float32)], dim=2)
@@ -246,7 +291,7 @@ class TieredDecoder(nn.Module):
             new["v_arch"].append(torch.cat([v_arch[i], vq], dim=2)[:, :, drop:].reshape(1, *v_arch.shape[1:]))
             if vs is not None:
                 new["v_scale"].append(torch.cat([v_scale[i], vs], dim=2)[:, :, drop:].reshape(1, *v_scale.shape[1:]))
-        logits = m.lm_head(m.norm(x))
+        logits = m.lm_head(m.norm(self._boundary(len(m.layers), x)))
         if a == 0:
             state = self._pack(k_arch, v_arch, v_scale, stack_layers(new["k_act"]), stack_layers(new["v_act"]))
         else:

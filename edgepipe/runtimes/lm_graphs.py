@@ -136,9 +136,11 @@ def lower_decoder(model: nn.Module, target: Target, precision: str, out_dir: Pat
         report["shared_weights"] = {"file": "weights.bin", "bytes": files["weights"].stat().st_size}
     report["weights"] = "fp16" if precision == "fp16" else "int8" if precision == "int8-dynamic" else "fp32"
     if precision == "a8w16":
+        boundaries = "; residual stream INT8 at every layer boundary (calibrated per-channel scales)"
         report["note"] = (
-            "KV cache archive INT8 (calibrated per-channel K, per-token V scales), newest tokens fp16; "
-            "weights and compute fp32 on this CPU runtime"
+            "KV cache archive INT8 (calibrated per-channel K, per-token V scales), newest tokens fp16"
+            + (boundaries if getattr(model, "boundaries", False) else "")
+            + "; weights and compute fp32 on this CPU runtime"
         )
     return Lowered(files=files, report=report)
 
