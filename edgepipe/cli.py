@@ -390,6 +390,7 @@ def deploy(bundle: Path, url: str, **options) -> None:
 @click.option("--warmup", default=10, show_default=True, help="Untimed warm-up runs.")
 @click.option("--batch", type=int, help="Batch size (default: check.npz's).")
 @click.option("--seq", type=int, help="Sequence length (default: check.npz's).")
+@click.option("--context", help="Decoders: context lengths to time decode at, e.g. 256,1024,4096.")
 @click.option("--threads", type=int, help="Runtime threads on the device.")
 @click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(path_type=Path))
 def bench(bundle: Path, url: str, **options) -> None:

@@ -137,6 +137,20 @@ def test_runner_benchmarks_a_decoder_at_several_contexts(lm, tmp_path):
     assert record["decoder"]["state_bytes"] == 2 * 2 * 128 * 2 * 16 * 4
 
 
+def test_edgepipe_bench_on_a_decoder_reports_tokens_per_second(lm, tmp_path):
+    from click.testing import CliRunner
+
+    from edgepipe.cli import cli
+
+    bundle = lm()
+    args = ["bench", str(bundle.path), "--device", "local", "--runs", "4", "--warmup", "1", "--context", "64"]
+    done = CliRunner().invoke(cli, [*args, "--results", str(tmp_path)])
+    assert done.exit_code == 0, done.output
+    record = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert record["decoder"]["contexts"][0]["context"] == 64 and record["throughput"]["tokens_per_s"] > 0
+    assert "ok tokens 1.000" in done.output
+
+
 def test_corrupt_decode_graph_is_one_clear_error(lm, tmp_path):
     bundle = lm()
     copy = tmp_path / "copy"

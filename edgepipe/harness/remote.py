@@ -539,6 +539,7 @@ def bench(
     batch: int | None = None,
     seq: int | None = None,
     threads: int | None = None,
+    context: str | None = None,
     results_dir: Path = Path("results"),
     deploy_first: bool = True,
     insecure_host_key: bool = False,
@@ -555,6 +556,7 @@ def bench(
         bundle_dir: The local bundle (its manifest names the result file).
         url: ``local``, ``ssh://user@host[:port]`` or ``adb://serial``.
         runs, warmup, batch, seq, threads: Passed to runner.py (see its --help).
+        context: Decoders: comma-separated context lengths to time decode at (runner.py --context).
         results_dir: Where the JSON lands, as ``<model>__<target>__<device>__<time>.json``.
         deploy_first: Deploy (a no-op when the device already holds this bundle) before running.
         Others: As for :func:`deploy`.
@@ -594,7 +596,7 @@ def bench(
             else f"{remote_dir}.bench-{stamp}.json"
         )
         argv = [python, runner, remote_dir, "--runs", str(runs), "--warmup", str(warmup), "--json", remote_json]
-        for flag, value in (("--batch", batch), ("--seq", seq), ("--threads", threads)):
+        for flag, value in (("--batch", batch), ("--seq", seq), ("--threads", threads), ("--context", context)):
             if value is not None:
                 argv += [flag, str(value)]
         rc, _, err = t.run(argv, run_timeout)

@@ -2,7 +2,7 @@
 
 One row per result: model, target, device, precision, latency p50/p90, throughput, peak RSS, bundle size,
 fidelity (the on-device check against check.npz; the build's cosine vs the teacher where the manifest has it) and
-power where the device exposes it.
+power where the device exposes it. Decoder rows time one decode step (p50/p90) and count generated tokens/s.
 """
 
 from __future__ import annotations
@@ -75,7 +75,10 @@ def row(result: dict) -> dict:
     device = result["device"].get("url") or result["device"].get("name") or result["env"].get("hostname")
     if device == "local":
         device = f"local ({result['env'].get('hostname')})"
-    if check.get("min_cosine") is None:
+    decoder = result.get("decoder") is not None
+    if decoder and "token_agreement" in check:  # p50/p90 are decode steps; items/s are generated tokens/s
+        fidelity = f"{'ok' if check.get('passed') else 'FAIL'} tokens {check['token_agreement']:.3f}"
+    elif check.get("min_cosine") is None:
         fidelity = "FAIL" if check.get("passed") is False else None
     else:
         fidelity = f"{'ok' if check.get('passed') else 'FAIL'} cos {check['min_cosine']:.4f}"
@@ -87,7 +90,7 @@ def row(result: dict) -> dict:
         "precision": bundle.get("precision"),
         "p50_ms": lat.get("p50"),
         "p90_ms": lat.get("p90"),
-        "items_per_s": result["throughput"].get("items_per_s"),
+        "items_per_s": result["throughput"].get("tokens_per_s" if decoder else "items_per_s"),
         "peak_rss_mb": result["memory"].get("peak_rss_mb"),
         "size_mb": files_bytes / 1e6 if files_bytes is not None else None,
         "fidelity": fidelity,
