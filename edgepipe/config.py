@@ -26,6 +26,7 @@ PRECISIONS = ("fp32", "fp16", "int8-dynamic", "w8a8", "int8-fp16", "a8w16")
 # Decoder bundles (prefill + decode graphs) per runtime; a8w16 = the tiered INT8 KV cache (edgepipe.decoders).
 DECODER_PRECISIONS = {"onnxruntime": ("fp32", "fp16", "int8-dynamic", "a8w16"), "executorch": ("fp32", "a8w16")}
 KINDS = ("encoder", "decoder")
+DECODER_MODEL_TYPES = ("llama", "mamba2")  # HF model_types edgepipe's own decoders load (models.hf_decoders)
 DEFAULT_TARGET = "host-cpu"
 DEFAULT_MODEL = "minilm-student"  # the distilled 3-layer student; minilm-teacher ships the teacher as it is
 TARGET_ALIASES = {"jetson": "jetson-orin-nano"}
@@ -344,8 +345,17 @@ def load_recipe(name_or_path: str, overrides: tuple[str, ...] = ()) -> ModelReci
 
 
 def recipe_for_checkpoint(path: Path, overrides: tuple[str, ...] = ()) -> ModelRecipe:
-    """A recipe that ships a user's checkpoint directory as is (no student), named after the directory."""
-    data = apply_overrides({"description": f"checkpoint {path}", "kind": "encoder", "teacher": str(path)}, overrides)
+    """A recipe that ships a user's checkpoint directory as is (no student), named after the directory.
+
+    Llama and Mamba2 checkpoints are decoders (edgepipe's own LLaMA-style and Mamba-2 models); anything else is an
+    encoder recipe, routed to edgepipe's encoder or to Optimum by ``models.optimum.choose_route``.
+    """
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None  # the route's own checks report a missing or broken config.json
+    kind = "decoder" if model_type in DECODER_MODEL_TYPES else "encoder"
+    data = apply_overrides({"description": f"checkpoint {path}", "kind": kind, "teacher": str(path)}, overrides)
     return recipe_from_dict(path.name, data, str(path))
 
 

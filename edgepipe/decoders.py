@@ -213,6 +213,11 @@ class DecoderBuild:
     def stage(self, name: str, payload: dict, fn, label: str, config=None, resumable: bool = False) -> StageResult:
         return run_stage(self.cache, self.progress, self.records, name, payload, fn, label, config, resumable)
 
+    def route_why(self) -> str:
+        if self.recipe.teacher in ("pretrain",) or self.recipe.teacher.endswith(".toml"):
+            return "decoder recipe: edgepipe's own decoder, pretrained from the recipe"
+        return "Llama / Mamba2 checkpoint: edgepipe's own decoders (prefill + decode graphs, KV cache plans)"
+
     # -- teacher --------------------------------------------------------------------------------------------
     def teacher_dir(self) -> tuple[Path, str]:
         """The teacher's checkpoint directory and content hash: pretrained (cached), another recipe's, or a path."""
@@ -439,7 +444,7 @@ class DecoderBuild:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "model": self.recipe.name,
                 "kind": "decoder",
-                "route": {"path": "edgepipe", "why": "decoder recipe"},
+                "route": {"path": "edgepipe", "why": self.route_why()},
                 "source_model": {"path": str(teacher_dir), "hash": teacher_hash},
                 "recipe": self.recipe.to_dict(),
                 "target": self.target.to_dict(),

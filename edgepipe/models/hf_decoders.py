@@ -16,12 +16,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from edgepipe.config import DECODER_MODEL_TYPES  # one list: config routes checkpoint directories by it
 from edgepipe.errors import ModelError
 from edgepipe.models.decoder import DecoderConfig, DecoderLM
 from edgepipe.models.hf import read_config, read_weights
 from edgepipe.models.mamba import MambaConfig, MambaLM
-
-DECODER_MODEL_TYPES = ("llama", "mamba2")
 
 # HF name (after the "model." / "backbone." prefix) -> edgepipe name, per layer and global.
 _LLAMA_LAYER = {
