@@ -82,8 +82,10 @@ class Generation:
     tokens_per_s: float | None  # decode rate after the first token (None when only one token was made)
 
 
-def generate(path: Path, prompt: str, max_new_tokens: int = 32, threads: int | None = None) -> Generation:
+def generate(path: Path, prompt: str, max_new_tokens: int = 32, threads: int | None = None, on_text=None) -> Generation:
     """Greedy generation with a decoder bundle's graphs in its runtime here (the runner's loop, tokenizer.json).
+
+    ``on_text(piece)`` receives the generated text as it grows (for streaming output).
 
     Raises:
         UsageError: An empty prompt, or a bundle that is not a decoder.
@@ -111,9 +113,16 @@ def generate(path: Path, prompt: str, max_new_tokens: int = 32, threads: int | N
         raise UsageError("The prompt is empty.", hint='Pass some text: --prompt "The kernel"')
     try:
         graphs = runner.DecoderGraphs(str(path), manifest, threads)
-        run = runner.greedy(
-            graphs, np.asarray([ids], dtype=np.int64), max_new_tokens, manifest["decoder"].get("eos_id")
-        )
+        shown = [""]
+
+        def stream(tokens: list[int]) -> None:  # the text grows; BPE bytes can split a character, so diff strings
+            text = tok.decode(tokens)
+            if on_text is not None and text.startswith(shown[0]) and len(text) > len(shown[0]):
+                on_text(text[len(shown[0]) :])
+                shown[0] = text
+
+        eos = manifest["decoder"].get("eos_id")
+        run = runner.greedy(graphs, np.asarray([ids], dtype=np.int64), max_new_tokens, eos, stream)
     except runner.RunnerError as exc:
         raise BundleError(f"Bundle {path}: {exc}.", hint="Check it with `edgepipe check`.") from None
     steps = run["step_s"]

@@ -331,8 +331,11 @@ def generate(bundle: Path, prompt: str, max_new_tokens: int, threads: int | None
     """
     from edgepipe.bundle import generate as run_generate
 
-    out = run_generate(bundle, prompt, max_new_tokens, threads)
-    console.print(f"[bold]{escape(prompt)}[/]{escape(out.text)}")
+    console.print(f"[bold]{escape(prompt)}[/]", end="")
+    out = run_generate(
+        bundle, prompt, max_new_tokens, threads, on_text=lambda piece: console.print(escape(piece), end="")
+    )
+    console.print()
     rate = f", decode {out.tokens_per_s:.1f} tokens/s" if out.tokens_per_s else ""
     err_console.print(
         f"{out.prompt_tokens} prompt tokens, {len(out.tokens)} new; time to first token {out.ttft_ms:.1f} ms{rate}"

@@ -1063,8 +1063,11 @@ class DecoderGraphs:
         return logits[:, -1], state
 
 
-def greedy(graphs: DecoderGraphs, prompt, max_new_tokens: int, eos_id: int | None = None) -> dict:
-    """Greedy generation: token ids, the first token's logits, time to first token and per-token decode times."""
+def greedy(graphs: DecoderGraphs, prompt, max_new_tokens: int, eos_id: int | None = None, on_token=None) -> dict:
+    """Greedy generation: token ids, the first token's logits, time to first token and per-token decode times.
+
+    `on_token(tokens)` is called with the tokens so far after each new one (streaming output); it is not timed.
+    """
     import numpy as np
 
     clock = time.perf_counter
@@ -1075,7 +1078,11 @@ def greedy(graphs: DecoderGraphs, prompt, max_new_tokens: int, eos_id: int | Non
     ttft = clock() - t0
     step_s = []
     n = prompt.shape[1]
-    while len(tokens) < max_new_tokens and tokens[-1] != eos_id:
+    while True:
+        if on_token is not None:
+            on_token(tokens)
+        if len(tokens) >= max_new_tokens or tokens[-1] == eos_id:
+            break
         t = clock()
         logits, state = graphs.feed(np.array([[tokens[-1]]], dtype=np.int64), n + len(tokens) - 1, state)
         tokens.append(int(np.argmax(logits[0])))
