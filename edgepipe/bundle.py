@@ -65,12 +65,23 @@ def check_bundle(path: Path) -> CheckReport:
     try:
         inputs, expected = runner.load_check(str(path))
         if manifest.get("kind") == "decoder":
-            graphs = runner.DecoderGraphs(str(path), manifest, None)
+            graphs = decoder_graphs(path, manifest)
             return CheckReport(path, manifest, runner.check_decoder(graphs, inputs, expected, manifest["validation"]))
     except runner.RunnerError as exc:
         raise BundleError(f"Bundle {path}: {exc}.", hint="Rebuild the bundle.") from None
     outputs = runtime.load(path / manifest["graphs"]["model"], target).run(inputs)
     return CheckReport(path, manifest, runner.compare_outputs(outputs, expected, manifest["validation"]))
+
+
+def decoder_graphs(path: Path, manifest: dict, threads: int | None = None) -> runner.DecoderGraphs:
+    """A decoder bundle's graphs in its runtime here; TensorRT bundles without TensorRT here run their ONNX graphs
+    in onnxruntime (the proxy the build validated)."""
+    if manifest["runtime"] == "tensorrt":
+        from edgepipe.runtimes.tensorrt import tensorrt_here
+
+        if tensorrt_here() is not None:
+            manifest = {**manifest, "runtime": "onnxruntime", "graphs": manifest["graphs"]["proxy"]}
+    return runner.DecoderGraphs(str(path), manifest, threads)
 
 
 @dataclass
@@ -112,7 +123,7 @@ def generate(path: Path, prompt: str, max_new_tokens: int = 32, threads: int | N
     if not ids:
         raise UsageError("The prompt is empty.", hint='Pass some text: --prompt "The kernel"')
     try:
-        graphs = runner.DecoderGraphs(str(path), manifest, threads)
+        graphs = decoder_graphs(path, manifest, threads)
         shown = [""]
 
         def stream(tokens: list[int]) -> None:  # the text grows; BPE bytes can split a character, so diff strings

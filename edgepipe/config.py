@@ -24,7 +24,12 @@ DATA_DIR = ROOT / "calibration_data"
 RUNTIMES = ("onnxruntime", "executorch", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "w8a8", "int8-fp16", "a8w16")
 # Decoder bundles (prefill + decode graphs) per runtime; a8w16 = the tiered INT8 KV cache (edgepipe.decoders).
-DECODER_PRECISIONS = {"onnxruntime": ("fp32", "fp16", "int8-dynamic", "a8w16"), "executorch": ("fp32", "a8w16")}
+# TensorRT: fp32 graphs; fp16 is the builder flag.
+DECODER_PRECISIONS = {
+    "onnxruntime": ("fp32", "fp16", "int8-dynamic", "a8w16"),
+    "executorch": ("fp32", "a8w16"),
+    "tensorrt": ("fp32", "fp16"),
+}
 KINDS = ("encoder", "decoder")
 DECODER_MODEL_TYPES = ("llama", "mamba2")  # HF model_types edgepipe's own decoders load (models.hf_decoders)
 DEFAULT_TARGET = "host-cpu"
@@ -393,8 +398,8 @@ class RunConfig:
                 raise UsageError(
                     f"Decoder {self.recipe.name} on target {self.target.name} ({self.target.runtime}) lowers "
                     f"{', '.join(allowed) or 'nothing'}; the build asked for {self.precision}.",
-                    hint="Use --precision fp32, or a8w16 for the tiered INT8 KV cache; decoder bundles need an "
-                    "onnxruntime or executorch target.",
+                    hint="Use --precision fp32 (a8w16, the tiered INT8 KV cache, on onnxruntime and executorch "
+                    "targets).",
                 )
         elif self.precision not in self.target.precisions:
             raise UsageError(

@@ -179,12 +179,14 @@ def open_graphs(directory: Path, target, meta: dict, threads: int | None = None)
     """``harness.runner.DecoderGraphs`` over lowered graphs in ``directory`` (``meta``: files, io, decoder)."""
     from edgepipe.harness.runner import DecoderGraphs
 
+    # TensorRT's engines are built on the device; here its ONNX graphs run in onnxruntime as the proxy
+    runtime = "onnxruntime" if target.runtime == "tensorrt" else target.runtime
     manifest = {
-        "runtime": target.runtime,
+        "runtime": runtime,
         "target": target.to_dict(),
         "io": meta["io"],
         "decoder": meta["decoder"],
-        "graphs": meta["files"],
+        "graphs": {g: meta["files"][g] for g in ("prefill", "decode")},
     }
     return DecoderGraphs(str(directory), manifest, threads)
 
@@ -196,12 +198,6 @@ class DecoderBuild:
         self.cfg, self.cache, self.progress = cfg, cache, progress
         self.recipe, self.target = cfg.recipe, cfg.target
         self.records: list[dict] = []
-        if self.target.runtime not in ("onnxruntime", "executorch"):
-            raise UsageError(
-                f"Target {self.target.name} runs {self.target.runtime}; decoder bundles build for onnxruntime and "
-                "executorch targets so far.",
-                hint="Use --target host-cpu, arm64-cpu, android-arm64 or raspberry-pi-5.",
-            )
         backend = self.target.runtime_options.get("backend", "xnnpack")
         if self.target.runtime == "executorch" and backend != "xnnpack":
             raise UsageError(
@@ -364,16 +360,7 @@ class DecoderBuild:
         return self.stage("lower", payload, run, f"lower prefill + decode to {target.runtime} ({precision})")
 
     def graphs(self, lowered: StageResult, threads: int | None = None):
-        from edgepipe.harness.runner import DecoderGraphs
-
-        manifest = {
-            "runtime": self.target.runtime,
-            "target": self.target.to_dict(),
-            "io": lowered.meta["io"],
-            "decoder": lowered.meta["decoder"],
-            "graphs": lowered.meta["files"],
-        }
-        return DecoderGraphs(str(lowered.dir), manifest, threads)
+        return open_graphs(lowered.dir, self.target, lowered.meta, threads)
 
     def validate_stage(self, lowered, wins, skip, held_out, teacher_top1, model_top1, precision) -> StageResult:
         from edgepipe.harness.runner import check_decoder, load_check
@@ -388,8 +375,9 @@ class DecoderBuild:
                     f"{'; '.join(check['problems'])}.",
                     hint="Try --precision fp32; run with --debug and report the bundle.",
                 )
+            proxy = self.target.runtime == "tensorrt"
             return {
-                "runtime": self.target.runtime,
+                "runtime": "onnxruntime (proxy of the TensorRT graphs)" if proxy else self.target.runtime,
                 "lowered": summarize(scores, teacher_top1, model_top1),
                 "check": {k: check[k] for k in ("max_abs_error", "min_cosine", "token_agreement")},
             }
@@ -429,6 +417,9 @@ class DecoderBuild:
 
     def write_bundle(self, lowered, validated, latency, ref, precision, tok_path, teacher_dir, teacher_hash) -> Bundle:
         meta = lowered.meta
+        graphs = {g: meta["files"][g] for g in ("prefill", "decode")}
+        if self.target.runtime == "tensorrt":  # the runner loads engines; the ONNX graphs are what build them
+            graphs = {"prefill": "prefill.plan", "decode": "decode.plan", "proxy": graphs}
         with staged_bundle(self.cfg.bundle_dir) as tmp, self.progress.stage("write bundle"):
             for name in (*meta["files"].values(), "check.npz"):
                 shutil.copy2(lowered.dir / name, tmp / name)
@@ -451,7 +442,7 @@ class DecoderBuild:
                 "runtime": self.target.runtime,
                 "precision": precision,
                 "requested_precision": self.cfg.precision,
-                "graphs": meta["files"],
+                "graphs": graphs,
                 "io": meta["io"],
                 "decoder": {**meta["decoder"], "eos_id": load_tokenizer(tok_path).token_to_id("<|eos|>")},
                 "validation": {**TOLERANCES[precision], "held_out": validated.meta},

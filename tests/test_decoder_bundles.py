@@ -163,7 +163,7 @@ def test_corrupt_decode_graph_is_one_clear_error(lm, tmp_path):
 
 @pytest.mark.parametrize(
     ("target", "precision", "message"),
-    [("jetson-orin-nano", None, "decoder bundles need an onnxruntime or executorch"), ("host-cpu", "w8a8", "lowers")],
+    [("ethos-u55-128", None, "through XNNPACK"), ("host-cpu", "w8a8", "lowers"), ("jetson", "a8w16", "lowers")],
 )
 def test_unsupported_target_or_precision_is_refused_before_building(lm, tmp_path, target, precision, message):
     with pytest.raises(UsageError, match=message):
@@ -230,3 +230,42 @@ def test_mamba2_checkpoint_bundle_generates_eager_tokens(mamba_checkpoint, tmp_p
     ids = Tokenizer.from_file(str(bundle.path / "tokenizer.json")).encode(PROMPT, add_special_tokens=False).ids
     want = generate_eager(load_decoder(mamba_checkpoint), torch.tensor([ids]), 12)[0, len(ids) :].tolist()
     assert out.tokens == want[: len(out.tokens)] and len(out.tokens) >= 1
+
+
+def test_tensorrt_decoder_bundle_ships_graphs_plan_and_script_validated_on_the_proxy(lm, tmp_path):
+    """jetson: the two ONNX graphs pass TensorRT's static rules, run in onnxruntime here (the proxy), and
+    build_plan.json lists one static-shape engine per graph for build_engine.py on the device."""
+    from edgepipe.runtimes.tensorrt import tensorrt_here
+
+    bundle = lm(target="jetson", precision="fp16", out=tmp_path)
+    m = bundle.manifest
+    assert {"prefill.onnx", "decode.onnx", "weights.bin", "build_plan.json", "build_engine.py"} <= set(m["files"])
+    assert m["graphs"]["decode"] == "decode.plan" and m["graphs"]["proxy"]["decode"] == "decode.onnx"
+    assert m["lowering"]["decode"]["tensorrt_checks"]["rules"] == "passed"
+    plan = json.loads((bundle.path / "build_plan.json").read_text())
+    assert [e["engine"] for e in plan["engines"]] == ["prefill.plan", "decode.plan"] and plan["flags"]["fp16"]
+    assert m["fidelity"]["lowered"]["top1_vs_pytorch"] == 1.0  # fp32 graphs in the proxy; fp16 is the engine's
+    assert check_bundle(bundle.path).passed
+    if tensorrt_here() is not None:
+        done = runner_subprocess(bundle.path / "build_engine.py")
+        assert done.returncode == 5 and "TensorRT" in done.stderr
+
+
+@pytest.mark.gpu
+def test_tensorrt_decoder_engines_generate_the_proxy_tokens(lm, tmp_path):
+    from edgepipe.runtimes.tensorrt import tensorrt_here
+
+    if tensorrt_here() is not None:
+        pytest.skip(f"needs TensorRT and a GPU: {tensorrt_here()}")
+    bundle = lm(target="nvidia-gpu", precision="fp32", out=tmp_path)
+    assert runner_subprocess(bundle.path / "build_engine.py").returncode == 0
+    assert (bundle.path / "decode.plan").is_file()
+    report = check_bundle(bundle.path)  # TensorRT is here, so the engines run, not the proxy
+    assert report.passed and report.result["token_agreement"] == 1.0
+
+
+def runner_subprocess(script: Path):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, str(script)], cwd=script.parent, capture_output=True, text=True)

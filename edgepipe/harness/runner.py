@@ -419,6 +419,11 @@ def graph_path(bundle: str, manifest: dict, graph: str = "model") -> str:
         rel = graphs.get(graph)
         if rel is None:
             raise RunnerError(f"manifest.json has no graphs.{graph} (graphs: {sorted(graphs)})", EXIT_BAD_FILES)
+        if manifest.get("runtime") == "tensorrt" and not os.path.isfile(os.path.join(bundle, rel)):
+            raise RunnerError(
+                f"{bundle} has no TensorRT engine {rel}; engines are built on the device: python3 build_engine.py",
+                EXIT_BAD_FILES,
+            )
     return os.path.join(bundle, rel)
 
 

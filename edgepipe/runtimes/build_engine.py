@@ -8,6 +8,9 @@ TensorRT version and the OS, so they are built where they run:
     python3 build_engine.py BUNDLE --force  # rebuild an existing model.plan
     python3 build_engine.py --check-only    # run check.npz on an existing model.plan
 
+Decoder bundles list two static-shape engines under "engines" (prefill.plan, decode.plan); they are checked by the
+runner (greedy tokens vs check.npz: `edgepipe bench` or `python3 runner.py BUNDLE`), not here.
+
 Needs numpy, TensorRT >= 8.6 (JetPack 6 ships it) and cuda-python or pycuda for the check; it never imports
 edgepipe or torch. Exit codes: 0 built and checked, 1 build failed, 2 usage, 3 engine built but the check
 failed, 5 TensorRT or a CUDA binding missing.
@@ -42,7 +45,8 @@ def load_plan(bundle: Path) -> dict:
         raise BuildFailure(f"{path} is not JSON ({exc}): copy the bundle again", EXIT_USAGE) from None
     if plan.get("schema") != PLAN_SCHEMA:
         raise BuildFailure(f"{path}: schema {plan.get('schema')!r}, this script reads {PLAN_SCHEMA}", EXIT_USAGE)
-    missing = [k for k in ("onnx", "engine", "flags", "profiles", "workspace_mb") if k not in plan]
+    graphs = ("engines",) if "engines" in plan else ("onnx", "engine")
+    missing = [k for k in (*graphs, "flags", "profiles", "workspace_mb") if k not in plan]
     if missing:
         raise BuildFailure(f"{path} lacks {missing}: rebuild the bundle with edgepipe", EXIT_USAGE)
     return plan
@@ -286,6 +290,16 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"bundle": str(bundle)}
     try:
         plan = load_plan(bundle)
+        if "engines" in plan:  # a decoder: one engine per graph; the runner checks them
+            if args.check_only:
+                raise BuildFailure("decoder engines are checked by runner.py (edgepipe bench), not here", EXIT_USAGE)
+            result["build"] = [
+                build(bundle, {**plan, "onnx": e["onnx"], "engine": e["engine"]}, args.verbose)
+                for e in plan["engines"]
+                if args.force or not (bundle / e["engine"]).is_file()
+            ]
+            print(json.dumps(result, indent=2))
+            return 0
         engine = bundle / plan["engine"]
         if args.check_only and not engine.is_file():
             raise BuildFailure(f"{engine} does not exist: build it first (drop --check-only)", EXIT_USAGE)

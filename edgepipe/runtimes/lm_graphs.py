@@ -37,7 +37,7 @@ from edgepipe.runtimes import Lowered
 
 GRAPHS = ("prefill", "decode")
 PREFILL_TOKENS = 32
-EXTENSIONS = {"onnxruntime": ".onnx", "executorch": ".pte"}
+EXTENSIONS = {"onnxruntime": ".onnx", "executorch": ".pte", "tensorrt": ".onnx"}
 
 
 def precisions(runtime: str) -> tuple[str, ...]:
@@ -126,14 +126,16 @@ def lower_decoder(model: nn.Module, target: Target, precision: str, out_dir: Pat
     for graph, t in (("prefill", tokens), ("decode", 1)):
         path = out_dir / f"{graph}{EXTENSIONS[runtime]}"
         inputs = example_inputs(model, t)
-        if runtime == "onnxruntime":
-            report[graph] = _lower_onnx(model, inputs, precision, path)
-        else:
+        if runtime == "executorch":
             report[graph] = _lower_executorch(model, inputs, target, path)
+        else:  # TensorRT takes the fp32 ONNX; fp16 is its builder flag
+            report[graph] = _lower_onnx(model, inputs, "fp32" if runtime == "tensorrt" else precision, path)
         files[graph] = path
-    if runtime == "onnxruntime":
+    if runtime in ("onnxruntime", "tensorrt"):
         files["weights"] = share_weights([files["prefill"], files["decode"]], out_dir / "weights.bin")
         report["shared_weights"] = {"file": "weights.bin", "bytes": files["weights"].stat().st_size}
+    if runtime == "tensorrt":
+        files.update(_tensorrt_plan(target, precision, files, out_dir, report))
     report["weights"] = "fp16" if precision == "fp16" else "int8" if precision == "int8-dynamic" else "fp32"
     if precision == "a8w16":
         boundaries = "; residual stream INT8 at every layer boundary (calibrated per-channel scales)"
@@ -161,6 +163,47 @@ def _lower_onnx(model: nn.Module, inputs: tuple[Tensor, ...], precision: str, pa
         fp32.unlink(missing_ok=True)
     graph = onnx.load(str(path), load_external_data=False).graph
     return {**done, "ops": dict(Counter(n.op_type for n in graph.node)), "inputs": [i.name for i in graph.input]}
+
+
+def _tensorrt_plan(target: Target, precision: str, files: dict[str, Path], out_dir: Path, report: dict) -> dict:
+    """Check both graphs against TensorRT's rules; write build_plan.json (two static-shape engines) and
+    build_engine.py, which builds them on the device."""
+    import json
+    import shutil
+
+    import onnx
+
+    from edgepipe.runtimes import tensorrt as trt_rt
+
+    for graph in GRAPHS:
+        model = onnx.load(str(files[graph]), load_external_data=False)
+        problems = trt_rt.check_graph(model)
+        if problems:
+            raise BuildError(
+                f"TensorRT cannot parse {len(problems)} node(s) of {files[graph].name} for target {target.name}: "
+                f"{problems[0]}",
+                hint="Use an onnxruntime target for this decoder, or report the node.",
+            )
+        report[graph]["tensorrt_checks"] = {"rules": "passed", "opset": trt_rt.default_opset(model)}
+    opts = target.runtime_options
+    plan = {
+        "schema": "edgepipe.trt_build_plan/1",
+        "precision": precision,
+        "engines": [{"graph": g, "onnx": files[g].name, "engine": f"{g}.plan"} for g in GRAPHS],
+        "flags": {"int8": False, "fp16": precision == "fp16", "tf32": precision == "fp16"},
+        "workspace_mb": int(opts.get("workspace_mb", 1024)),
+        "builder_optimization_level": int(opts.get("builder_optimization_level", 3)),
+        "profiles": [],  # static shapes: no optimisation profile
+        "min_tensorrt": "8.6",
+        "check": {"note": "decoders are checked by runner.py (edgepipe bench): greedy tokens vs check.npz"},
+        "target": {"name": target.name, **{k: v for k, v in target.hardware.items() if k in ("accelerator", "arch")}},
+    }
+    plan_path = out_dir / "build_plan.json"
+    plan_path.write_text(json.dumps(plan, indent=2) + "\n")
+    script = out_dir / "build_engine.py"
+    shutil.copy2(Path(__file__).with_name("build_engine.py"), script)
+    report["engine"] = "built on the device: python3 build_engine.py in the bundle (prefill.plan, decode.plan)"
+    return {"build_plan": plan_path, "build_engine": script}
 
 
 def share_weights(graphs: list[Path], blob: Path, threshold: int = 1024, align: int = 4096) -> Path:

@@ -166,7 +166,7 @@ def lower_encoder(
         "rules": "passed",
         "qdq_pairs": sum(n.op_type == "QuantizeLinear" for n in graph.graph.node),
         "standard_ops_only": True,
-        "opset": _default_opset(graph),
+        "opset": default_opset(graph),
         # polygraphy runs every node in onnxruntime one by one (~10 s for a tiny model, minutes for MiniLM); the
         # validate stage runs the whole graph in onnxruntime anyway, so a target may turn it off.
         "polygraphy_lint": polygraphy_lint(path)
@@ -233,7 +233,7 @@ def _op_counts(graph: onnx.ModelProto) -> dict[str, int]:
     return counts
 
 
-def _default_opset(graph: onnx.ModelProto) -> int:
+def default_opset(graph: onnx.ModelProto) -> int:
     return next((o.version for o in graph.opset_import if o.domain in STANDARD_DOMAINS), 0)
 
 
@@ -270,7 +270,7 @@ def check_graph(model: onnx.ModelProto) -> list[Violation]:
     def bad(node: onnx.NodeProto, rule: str, detail: str) -> None:
         found.append(Violation(node.name or node.output[0], node.op_type, rule, detail))
 
-    opset = _default_opset(model)
+    opset = default_opset(model)
     if not OPSET_RANGE[0] <= opset <= OPSET_RANGE[1]:
         found.append(Violation("graph", "opset_import", "opset", f"opset {opset}; TensorRT needs {OPSET_RANGE}"))
     for node in graph.node:
