@@ -183,6 +183,8 @@ def _key_metrics(rec: dict) -> str:
             + (f", fused {fused}" if fused else "")
             + (f", int8 on {coverage:.0%} of GEMM FLOPs" if coverage is not None else "")
         )
+    if rec["stage"] == "distill" and "perplexity" in (met.get("held_out") or {}):
+        return f"{_fmt_lm(met['held_out'])}, {met.get('steps', '?')} steps"
     if rec["stage"] == "distill":
         return f"held-back {_fmt_cos(met.get('held_out'))}, {met.get('steps', '?')} steps"
     if rec["stage"] == "latency":
@@ -226,7 +228,8 @@ def models() -> None:
     table = Table("model", "kind", "teacher", "student", "description")
     for name in model_names():
         r = load_recipe(name)
-        student = f"layers {list(r.student.layers)}, {r.student.attention}" if r.student else "-"
+        layers = f"layers {list(r.student.layers)}" if r.student and r.student.layers else "all layers"
+        student = f"{layers}, {r.student.attention}" if r.student else "-"
         table.add_row(name + (" (default)" if name == DEFAULT_MODEL else ""), r.kind, r.teacher, student, r.description)
     console.print(table)
 

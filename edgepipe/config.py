@@ -218,7 +218,7 @@ class ModelRecipe:
     quantize: QuantizeConfig
     validate: ValidateConfig
     path: str = ""
-    decoder: dict | None = None  # kind = "decoder": the [model], [tokenizer], [pretrain] and [kv_cache] tables
+    decoder: dict | None = None  # kind = "decoder": [model], [tokenizer], [pretrain], [distill], [mamba], [kv_cache]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -248,7 +248,7 @@ def recipe_from_dict(name: str, data: dict, source: str) -> ModelRecipe:
     student = None
     if "student" in data:
         s = f.table("student")
-        layers = s.get("layers", list)
+        layers = s.get("layers", list, [] if kind == "decoder" else ...)  # decoder students keep every layer
         if layers is not None and not all(isinstance(i, int) and i >= 0 for i in layers):
             problems.append(f"'student.layers' must be a list of layer indices, got {layers!r}")
         attention = s.get("attention", str, "full")
@@ -266,7 +266,11 @@ def recipe_from_dict(name: str, data: dict, source: str) -> ModelRecipe:
             ffn=s.get("ffn", int, None),
         )
         s.unknown()
-    sections = {key: _dataclass_from_table(cls, f.table(key)) for key, cls in _SECTIONS.items()}
+    # A decoder's [distill] table is the LM distillation's (stages.distill_lm), kept with its other tables.
+    sections = {
+        key: cls() if kind == "decoder" and key == "distill" else _dataclass_from_table(cls, f.table(key))
+        for key, cls in _SECTIONS.items()
+    }
     decoder = _decoder_tables(f) if kind == "decoder" else None
     f.unknown()
     if problems:
@@ -288,12 +292,16 @@ def _decoder_tables(f: _Fields) -> dict:
     from dataclasses import fields
 
     from edgepipe.models.decoder import DecoderConfig
+    from edgepipe.models.mamba import MambaConfig
+    from edgepipe.stages.distill_lm import LMDistillConfig
     from edgepipe.stages.pretrain import PretrainConfig
 
     known = {
         "model": {x.name for x in fields(DecoderConfig)} - {"vocab_size"},
         "tokenizer": {"vocab_size"},
         "pretrain": {x.name for x in fields(PretrainConfig)} - {"vocab_size"},
+        "distill": {x.name for x in fields(LMDistillConfig)},
+        "mamba": {x.name for x in fields(MambaConfig)} - {"vocab_size", "hidden"},
         "kv_cache": {"active", "active_dtype", "v_scales", "calibration", "calibration_windows", "boundaries"},
     }
     tables = {}

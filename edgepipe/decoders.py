@@ -255,12 +255,39 @@ class DecoderBuild:
         result = self.stage("pretrain", payload, run, f"pretrain {recipe.name}", resumable=True)
         return result.dir, result.key
 
+    def student_stage(self, teacher_dir: Path, teacher_hash: str) -> tuple[Path, str]:
+        """Distil the recipe's student (``[student] attention``: windowed:W, linear or mamba2) from the teacher."""
+        from dataclasses import asdict
+
+        from edgepipe.models.hf_decoders import load_decoder
+        from edgepipe.stages.distill_lm import LMDistillConfig, distill_lm, init_student
+
+        tables = self.recipe.decoder or {}
+        form, mamba = self.recipe.student.attention, tables.get("mamba", {})
+        cfg = LMDistillConfig(**tables.get("distill", {}))
+        data = {name: sha256_file(resolve_data_file(getattr(cfg, name))) for name in ("data", "eval_data")}
+        payload = {"teacher": teacher_hash, "form": form, "mamba": mamba, "distill": asdict(cfg), "data": data}
+
+        def run(out: Path) -> dict:
+            teacher = load_decoder(teacher_dir)
+            if getattr(getattr(teacher, "spec", None), "kind", None) != "full":
+                raise UsageError(f"The teacher of {self.recipe.name} must be a full-attention Llama-style decoder.")
+            student = init_student(teacher, form, mamba, cfg.seed)
+            return distill_lm(teacher, student, teacher_dir / "tokenizer.json", cfg, out, self.progress)
+
+        config = {"form": form, "mamba": mamba, **asdict(cfg)}
+        result = self.stage("distill", payload, run, f"distill {form} student", config=config, resumable=True)
+        return result.dir, result.key
+
     # -- the build ------------------------------------------------------------------------------------------
     def run(self) -> Bundle:
         from edgepipe.models.hf_decoders import load_decoder
 
         teacher_dir, teacher_hash = self.teacher_dir()
-        model_dir, model_hash = teacher_dir, teacher_hash  # students plug in here (stages.distill_lm)
+        if self.recipe.student:
+            model_dir, model_hash = self.student_stage(teacher_dir, teacher_hash)
+        else:
+            model_dir, model_hash = teacher_dir, teacher_hash
         tok_path = model_dir / "tokenizer.json"
         tok = load_tokenizer(tok_path)
         context = (self.recipe.decoder or {}).get("model", {}).get("max_context")

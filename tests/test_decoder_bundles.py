@@ -51,6 +51,19 @@ calibration_windows = 4
 [quantize]
 fidelity_budget = 0.05
 """
+TINY_WINDOWED = """
+kind = "decoder"
+teacher = "tiny-lm.toml"
+[student]
+attention = "windowed:16"
+[distill]
+steps = 3
+batch_size = 4
+seq_len = 64
+lr = 1e-4
+warmup_steps = 1
+eval_tokens = 512
+"""
 PROMPT = (
     "The function returns a list of the names of the files in the directory given by path, in arbitrary order, "
     "and raises an error when the directory cannot be read"
@@ -64,8 +77,10 @@ def lm(tmp_path_factory):
     recipe = root / "tiny-lm.toml"
     recipe.write_text(TINY_LM)
 
-    def build(target: str = "host-cpu", precision: str | None = "fp32", out=root / "out"):
-        cfg = resolve_run_config(str(recipe), target, precision, out)
+    (root / "tiny-windowed.toml").write_text(TINY_WINDOWED)
+
+    def build(target: str = "host-cpu", precision: str | None = "fp32", out=root / "out", model: str = "tiny-lm"):
+        cfg = resolve_run_config(str(root / f"{model}.toml"), target, precision, out)
         return pipeline.build(cfg, cache_root=root / "cache")
 
     return build
@@ -150,6 +165,25 @@ def test_edgepipe_bench_on_a_decoder_reports_tokens_per_second(lm, tmp_path):
     record = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert record["decoder"]["contexts"][0]["context"] == 64 and record["throughput"]["tokens_per_s"] > 0
     assert "ok tokens 1.000" in done.output
+
+
+def test_student_recipe_distills_from_a_teacher_recipe_and_generates_its_own_tokens(lm, tmp_path):
+    """teacher = "tiny-lm.toml": the teacher's pretrain stage is shared (cached), the student is distilled, lowered
+    with its rolling 2W-slot cache and generates what the student generates in PyTorch."""
+    lm()  # the teacher's own bundle: its pretrain stage is then cached
+    bundle = lm(model="tiny-windowed", out=tmp_path)
+    m = bundle.manifest
+    assert [r["stage"] for r in m["stages"]][:2] == ["pretrain", "distill"] and m["stages"][0]["cache_hit"]
+    assert m["decoder"]["form"] == "windowed:16" and m["decoder"]["cache_len"] == 32
+    distilled = next(r for r in m["stages"] if r["stage"] == "distill")
+    student_dir = Path(m["source_model"]["path"]).parents[1] / "distill" / distilled["cache_key"]  # the stage cache
+    assert m["fidelity"]["lowered"]["top1_vs_pytorch"] == 1.0
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(bundle.path / "tokenizer.json")).encode(PROMPT, add_special_tokens=False).ids
+    want = generate_eager(load_decoder(student_dir), torch.tensor([ids]), 10)[0, len(ids) :].tolist()
+    out = generate(bundle.path, PROMPT, max_new_tokens=10)
+    assert out.tokens == want[: len(out.tokens)]
 
 
 def test_corrupt_decode_graph_is_one_clear_error(lm, tmp_path):

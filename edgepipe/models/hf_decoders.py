@@ -72,9 +72,9 @@ def _float(value) -> float:
 
 
 def llama_config_from_hf(
-    hf: dict, source: Path, *, attention: str = "full", max_context: int | None = None
+    hf: dict, source: Path, *, attention: str | None = None, max_context: int | None = None
 ) -> DecoderConfig:
-    """``DecoderConfig`` from a Llama ``config.json``.
+    """``DecoderConfig`` from a Llama ``config.json``; ``attention`` None takes the form ``save_hf`` recorded.
 
     Raises:
         ModelError: A key is missing or names something edgepipe's decoder does not implement.
@@ -103,7 +103,7 @@ def llama_config_from_hf(
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_bias=bool(hf.get("attention_bias", False)),
         mlp_bias=bool(hf.get("mlp_bias", False)),
-        attention=attention,
+        attention=attention or (hf.get("edgepipe") or {}).get("attention", "full"),
         max_context=max_context or min(int(hf.get("max_position_embeddings", 2048)), 2048),
     )
 
@@ -192,7 +192,7 @@ def _load_state(model: nn.Module, tensors: dict[str, Tensor], kind: str, path: P
 def load_decoder(
     path: Path | str,
     *,
-    attention: str = "full",
+    attention: str | None = None,
     max_context: int | None = None,
     chunk_size: int | None = None,
 ) -> DecoderLM | MambaLM:
@@ -201,6 +201,7 @@ def load_decoder(
     Args:
         path: Directory with config.json and model.safetensors.
         attention: Attention form for a Llama model (``full``, ``windowed:W``, ``linear``); the weights are the same.
+            None: the form edgepipe recorded in config.json (``save_hf``), else full.
         max_context: KV-cache length (Llama, full attention; default min(max_position_embeddings, 2048)) or the
             longest prefill (Mamba2; default 16384).
         chunk_size: Mamba-2 scan chunk (default min(checkpoint's, 64)).

@@ -1,0 +1,125 @@
+"""Decoder students: initialised from the teacher as documented, trained by next-token KL on real text,
+deterministic, resumable, and saved as checkpoints that reload with their attention form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgepipe.config import load_recipe
+from edgepipe.data import read_sentences
+from edgepipe.models.decoder import DecoderConfig, DecoderLM
+from edgepipe.models.hf_decoders import load_decoder
+from edgepipe.models.mamba import MambaLM
+from edgepipe.progress import Progress
+from edgepipe.stages.distill_lm import LMDistillConfig, distill_lm, evaluate, init_student
+from edgepipe.stages.pretrain import PretrainConfig, encode_text, pretrain
+
+TRAIN = read_sentences("train.txt", 1500)
+HELD = read_sentences("validation.txt", 60)
+BUDGET = LMDistillConfig(steps=4, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=1, eval_tokens=512)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A 2-layer decoder (hidden 64, 4 heads over 2 kv heads) pretrained 40 steps on real text; its directory."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("tiny-teacher")
+    arch = DecoderConfig(hidden=64, layers=2, heads=4, kv_heads=2, ffn=128, tie_embeddings=True, max_context=64)
+    budget = PretrainConfig(vocab_size=512, steps=40, batch_size=8, seq_len=32, lr=3e-3, warmup_steps=4)
+    pretrain(arch, budget, out, Progress(quiet=True), None, TRAIN, HELD)
+    return out
+
+
+def _distill(teacher_dir, form, out, stop_after=None):
+    teacher = load_decoder(teacher_dir)
+    student = init_student(teacher, form)
+    tok = teacher_dir / "tokenizer.json"
+    metrics = distill_lm(teacher, student, tok, BUDGET, out, Progress(quiet=True), stop_after, TRAIN, HELD)
+    return metrics, student
+
+
+def test_windowed_student_starts_as_the_teacher_within_its_window(teacher):
+    t = load_decoder(teacher)
+    student = init_student(t, "windowed:16")
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(student(ids), t(ids), atol=1e-5)  # one block: every key is visible to both
+        long = torch.randint(0, 512, (1, 60), generator=torch.Generator().manual_seed(1))
+        assert not torch.allclose(student(long), t(long), atol=1e-3)  # past 2 blocks it no longer sees everything
+
+
+def test_mamba_student_takes_the_attention_weights(teacher):
+    t = load_decoder(teacher)
+    s = init_student(t, "mamba2")
+    assert isinstance(s, MambaLM) and s.cfg.n_groups == t.cfg.heads and s.cfg.intermediate == t.cfg.hidden
+    mix, attn, c = s.layers[0].mixer, t.layers[0].attn, s.cfg
+    inner, gn = c.intermediate, c.n_groups * c.state_size
+    rows = mix.in_proj.weight
+    assert torch.equal(rows[2 * inner + gn : 2 * inner + 2 * gn], attn.q_proj.weight)  # C <- W_q
+    assert torch.equal(rows[2 * inner : 2 * inner + 16], attn.k_proj.weight[:16])  # B <- W_k, head 0
+    assert torch.equal(rows[2 * inner + 16 : 2 * inner + 32], attn.k_proj.weight[:16])  # repeated for head 1
+    assert torch.equal(mix.out_proj.weight, attn.o_proj.weight) and torch.equal(s.embed.weight, t.embed.weight)
+    assert torch.equal(mix.conv1d.weight[:, 0, :-1], torch.zeros_like(mix.conv1d.weight[:, 0, :-1]))
+
+
+@pytest.mark.parametrize("form", ["windowed:4", "mamba2"])
+def test_distillation_trains_the_student_toward_the_teacher_on_held_back_text(teacher, tmp_path, form):
+    metrics, _ = _distill(teacher, form, tmp_path / "s")
+    before, after = metrics["before"], metrics["held_out"]
+    assert after["tokens"] == before["tokens"] > 0
+    if form == "mamba2":  # starts far from the teacher (fresh gates and dt): KL, the quantity trained, falls
+        assert after["kl_to_teacher"] < 0.8 * before["kl_to_teacher"]
+    else:  # starts as the teacher minus the far context, which this tiny teacher barely uses: it stays there
+        assert before["kl_to_teacher"] < 0.01 and after["kl_to_teacher"] < 0.01
+        assert after["top1_vs_teacher"] > 0.95 and after["perplexity"] < 1.1 * after["teacher_perplexity"]
+    assert metrics["loss_every_10"][0] > 0 and not (tmp_path / "s" / "train_state").exists()
+    reloaded = load_decoder(tmp_path / "s")
+    assert type(reloaded).__name__ == ("MambaLM" if form == "mamba2" else "DecoderLM")
+    if form != "mamba2":
+        assert reloaded.cfg.attention == form  # the form travels in config.json
+
+
+def test_same_seed_same_student_and_resume_equals_uninterrupted(teacher, tmp_path):
+    _, a = _distill(teacher, "windowed:8", tmp_path / "a")
+    _, b = _distill(teacher, "windowed:8", tmp_path / "b")
+    stopped, _ = _distill(teacher, "windowed:8", tmp_path / "c", stop_after=2)
+    assert stopped == {"stopped_at": 2} and (tmp_path / "c" / "train_state").is_dir()
+    _, c = _distill(teacher, "windowed:8", tmp_path / "c")
+    for (name, x), y, z in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+        assert torch.allclose(x, z, atol=1e-6), name
+
+
+def test_evaluate_scores_the_teacher_against_itself(teacher):
+    from tokenizers import Tokenizer
+
+    t = load_decoder(teacher)
+    stream = encode_text(Tokenizer.from_file(str(teacher / "tokenizer.json")), HELD)
+    got = evaluate(t, t, stream, 32, 512)
+    assert got["top1_vs_teacher"] == 1.0 and got["perplexity"] == got["teacher_perplexity"] < 512
+
+
+def test_student_recipes_parse():
+    windowed, mamba = load_recipe("tinylm-windowed"), load_recipe("tinylm-mamba")
+    assert windowed.kind == mamba.kind == "decoder" and windowed.teacher == "tinylm-teacher.toml"
+    assert windowed.student.attention == "windowed:64" and mamba.student.attention == "mamba2"
+    assert LMDistillConfig(**windowed.decoder["distill"]).lr == 5e-5
+    assert mamba.decoder["mamba"] == {"chunk_size": 64}
+
+
+def test_unknown_distill_key_is_reported(tmp_path):
+    from edgepipe.errors import ConfigError
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('kind = "decoder"\nteacher = "pretrain"\n[distill]\nstepz = 3\n')
+    with pytest.raises(ConfigError, match="stepz"):
+        load_recipe(str(bad))
+
+
+def test_student_form_must_be_known(teacher):
+    from edgepipe.errors import UsageError
+
+    with pytest.raises(UsageError):
+        init_student(load_decoder(teacher), "mamba2", {"n_groups": 1})
+    assert isinstance(init_student(load_decoder(teacher), "linear"), DecoderLM)
