@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,15 +35,7 @@ from edgepipe.data import read_sentences
 from edgepipe.errors import UsageError
 from edgepipe.models.decoder import DecoderConfig, DecoderLM
 from edgepipe.models.mamba import MambaConfig, MambaLM
-from edgepipe.stages.pretrain import (
-    _checkpoint,
-    _optimizer,
-    _resume,
-    batch_indices,
-    encode_text,
-    lr_at,
-    windows,
-)
+from edgepipe.stages.pretrain import encode_text, train_steps, windows
 
 EVAL_BATCH = 8
 
@@ -241,27 +232,14 @@ def distill_lm(
     if not (ckpt / "optimizer.pt").is_file():
         with progress.stage("student vs teacher before distillation"):
             before = evaluate(student, teacher, held, cfg.seq_len, cfg.eval_tokens)
-    student.train()
-    opt = _optimizer(student, cfg)
-    start, history = _resume(ckpt, student, opt)
-    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    t0 = time.perf_counter()
-    with progress.steps("distill", cfg.steps) as bar:
-        bar.set(start)
-        for step in range(start, end):
-            batch = torch.from_numpy(wins[batch_indices(step, len(wins), cfg.batch_size, cfg.seed)])
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            loss, parts = distill_loss(student, teacher, batch, cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-            opt.step()
-            history.append(loss.item())
-            bar.advance(info=f"loss {np.mean(history[-20:]):.3f} (kl {parts['kl']:.3f})")
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
-                _checkpoint(ckpt, student, opt, step + 1, history)
-    seconds_per_step = (time.perf_counter() - t0) / max(1, end - start)
+
+    def loss_fn(batch: Tensor) -> tuple[Tensor, str]:
+        loss, parts = distill_loss(student, teacher, batch, cfg)
+        return loss, f" (kl {parts['kl']:.3f})"
+
+    start, end, history, seconds_per_step = train_steps(
+        student, wins, cfg, ckpt, progress, "distill", loss_fn, stop_after
+    )
     if end < cfg.steps:
         return {"stopped_at": end}
     student.eval()

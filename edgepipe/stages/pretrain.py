@@ -167,6 +167,52 @@ def perplexity(model: DecoderLM, stream: np.ndarray, seq_len: int, max_tokens: i
     return math.exp(total / max(1, count))
 
 
+def train_steps(model, wins: np.ndarray, cfg, ckpt: Path, progress, label: str, loss_fn, stop_after: int | None):
+    """The training loop pretraining and LM distillation share: seeded batches of ``wins`` by step, warm-up +
+    cosine lr, clipped AdamW steps, progress with the loss, an early time estimate, resumable checkpoints.
+
+    Args:
+        model: Trained in place (resumed from ``ckpt`` if a checkpoint is there).
+        wins: (n, seq_len + 1) token windows.
+        cfg: Has steps, batch_size, seed, lr, warmup_steps, min_lr_ratio, weight_decay, grad_clip, checkpoint_every.
+        ckpt: The checkpoint directory.
+        progress: ``edgepipe.progress.Progress``.
+        label: The progress bar's name.
+        loss_fn: batch (b, seq_len + 1) -> (loss, extra text for the progress bar).
+        stop_after: Stop (checkpointed) after this many steps in total.
+
+    Returns:
+        (start step, end step, loss history, seconds per step of this run).
+    """
+    model.train()
+    opt = _optimizer(model, cfg)
+    start, history = _resume(ckpt, model, opt)
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    t0 = time.perf_counter()
+    with progress.steps(label, cfg.steps) as bar:
+        bar.set(start)
+        for step in range(start, end):
+            batch = torch.from_numpy(wins[batch_indices(step, len(wins), cfg.batch_size, cfg.seed)])
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            loss, extra = loss_fn(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            history.append(loss.item())
+            bar.advance(info=f"loss {np.mean(history[-20:]):.3f}{extra}")
+            if step == start + ETA_AFTER:
+                per_step = (time.perf_counter() - t0) / (ETA_AFTER + 1)
+                progress.note(
+                    f"{label}: {end - start} steps at {per_step:.2f} s/step here "
+                    f"({torch.get_num_threads()} threads), about {per_step * (end - start) / 60:.1f} min"
+                )
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
+                _checkpoint(ckpt, model, opt, step + 1, history)
+    return start, end, history, (time.perf_counter() - t0) / max(1, end - start)
+
+
 def _state_dict(model: DecoderLM) -> dict[str, torch.Tensor]:
     # safetensors refuses shared storage: a tied lm_head is the embedding, so it is left out and re-tied on load.
     skip = {"lm_head.weight"} if model.cfg.tie_embeddings else set()
@@ -244,33 +290,9 @@ def pretrain(
     )
     model = DecoderLM(arch)
     init_weights(model, cfg.seed)
-    model.train()
-    opt = _optimizer(model, cfg)
-    start, history = _resume(ckpt, model, opt)
-    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    t0 = time.perf_counter()
-    with progress.steps("pretrain", cfg.steps) as bar:
-        bar.set(start)
-        for step in range(start, end):
-            batch = torch.from_numpy(wins[batch_indices(step, len(wins), cfg.batch_size, cfg.seed)])
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            loss = lm_loss(model, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            history.append(loss.item())
-            bar.advance(info=f"loss {np.mean(history[-20:]):.3f}")
-            if step == start + ETA_AFTER:
-                per_step = (time.perf_counter() - t0) / (ETA_AFTER + 1)
-                progress.note(
-                    f"pretrain: {end - start} steps at {per_step:.2f} s/step here "
-                    f"({torch.get_num_threads()} threads), about {per_step * (end - start) / 60:.1f} min"
-                )
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
-                _checkpoint(ckpt, model, opt, step + 1, history)
-    seconds_per_step = (time.perf_counter() - t0) / max(1, end - start)
+    start, end, history, seconds_per_step = train_steps(
+        model, wins, cfg, ckpt, progress, "pretrain", lambda batch: (lm_loss(model, batch), ""), stop_after
+    )
     if end < cfg.steps:
         return {"stopped_at": end}
 
