@@ -171,6 +171,24 @@ def test_masked_softmax_attention_equals_full_attention():
         )
 
 
+def test_masked_softmax_attention_takes_its_max_over_real_keys_only():
+    """Padded keys that outscore every real key must not shift the exp (the default student's layer 0, at 128 tokens).
+
+    With the max over all keys, exp(real - padded max) underflows here (scores 120 apart) and the row is 0/0; quantized,
+    a far smaller gap already collapsed the normaliser and the Arm backend's int16 division (TOSA_UNPREDICTABLE).
+    """
+    from edgepipe.attention.full import full_attention
+
+    torch.manual_seed(0)
+    q, v = torch.ones(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+    k = 0.1 * torch.randn(1, 2, 9, 16)
+    k[..., 6:, :] = 30.0  # padded keys score 16 * 30 / 4 = 120 against ~0 for the real ones
+    mask = torch.tensor([[1.0] * 6 + [0.0] * 3])
+    got = et.masked_softmax_attention(q, k, v, mask)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, full_attention(q, k, v, mask), atol=1e-5, rtol=0)
+
+
 def test_seq_multiple_follows_blocked_attention():
     assert et.seq_multiple(tiny_encoder(layers=1)) == 1
     assert et.seq_multiple(tiny_encoder("windowed:16", layers=1)) == 16

@@ -707,12 +707,21 @@ def masked_softmax_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor |
 
     ``full_attention`` adds ``finfo.min`` to padded scores; quantized, that range swamps every real score (and the
     Arm backend's int16 exp table overflows building it). Zeroing padded keys after the exp gives the same result.
+    The max subtracted before the exp is taken over the real keys only (padded keys are lowered to the row's
+    minimum first): padded keys can outscore every real one (the default student's layer 0: by up to 17 at 128
+    tokens), and a max over them shrinks the normaliser to ~5e-8, whose reciprocal's calibrated range then wrecks
+    the quantized division (a16w8: the int16 MUL after the reciprocal overflows the RESCALE that follows it, which
+    the TOSA reference model reports as UNPREDICTABLE; w8a8: the real rows' weights round away).
     q, k, v: (batch, heads, seq, head_dim); key_mask: (batch, seq) 1/0 -> (batch, heads, seq, head_dim).
     """
     scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    keep = None if key_mask is None else key_mask[:, None, None, :].to(scores.dtype)
+    if keep is not None:  # padded keys lowered to the row's minimum: exp(. - max) stays in (0, 1] for every key
+        floor = scores.amin(dim=-1, keepdim=True)
+        scores = floor + (scores - floor) * keep
     weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
-    if key_mask is not None:
-        weights = weights * key_mask[:, None, None, :].to(weights.dtype)
+    if keep is not None:
+        weights = weights * keep
     if causal:
         n = q.shape[-2]
         weights = weights * torch.tril(torch.ones(n, n, dtype=weights.dtype, device=weights.device))
