@@ -42,7 +42,9 @@ from edgepipe.runtimes.lm_graphs import graph_io, lower_decoder
 TARGETS = {"onnxruntime": "host-cpu", "executorch": "android-arm64"}
 
 
-def lowered(ckpt: Path, precision: str, runtime: str, context: int, tok, out: Path) -> tuple[object, dict]:
+def lowered(
+    ckpt: Path, precision: str, runtime: str, context: int, tok, out: Path, threads: int | None
+) -> tuple[object, dict]:
     """(graphs, facts) for one configuration, lowered into ``out``."""
     model = load_decoder(ckpt, max_context=context)
     module = tiered_decoder(model, tok, {})[0] if precision == "a8w16" else model
@@ -53,7 +55,7 @@ def lowered(ckpt: Path, precision: str, runtime: str, context: int, tok, out: Pa
         "io": graph_io(module, low.report["prefill_tokens"]),
         "decoder": decoder_facts(model, module, low.report["prefill_tokens"], precision),
     }
-    return open_graphs(out, target, meta), meta["decoder"]
+    return open_graphs(out, target, meta, threads), meta["decoder"]
 
 
 def main() -> None:
@@ -65,6 +67,13 @@ def main() -> None:
     ap.add_argument("--runtimes", default="onnxruntime,executorch")
     ap.add_argument("--steps", type=int, default=48, help="timed decode steps per configuration")
     ap.add_argument("--windows", type=int, default=4, help="held-back windows for perplexity / agreement")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="runtime threads per session (default 1: the configurations are interleaved, and idle multi-thread "
+        "pools spin and take the cores from the next one; a decode step's GEMMs are small)",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -92,7 +101,7 @@ def main() -> None:
                         key = (name, precision, runtime)
                         out = Path(tmp) / f"{name}-{precision}-{runtime}-{context}"
                         t0 = time.perf_counter()
-                        graphs, facts = lowered(ckpt, precision, runtime, context, tok, out)
+                        graphs, facts = lowered(ckpt, precision, runtime, context, tok, out, args.threads)
                         print(f"lowered {key} at {context} in {time.perf_counter() - t0:.0f} s", flush=True)
                         if key not in fidelity:
                             scores = score_graphs(graphs, wins, PREFILL_SKIP)
