@@ -64,7 +64,7 @@ def check_bundle(path: Path) -> CheckReport:
         )
     try:
         inputs, expected = runner.load_check(str(path))
-        if manifest.get("kind") == "decoder":
+        if runner.bench_kind(manifest) == "decoder":
             graphs = decoder_graphs(path, manifest)
             return CheckReport(path, manifest, runner.check_decoder(graphs, inputs, expected, manifest["validation"]))
     except runner.RunnerError as exc:
@@ -80,7 +80,12 @@ def decoder_graphs(path: Path, manifest: dict, threads: int | None = None) -> ru
         from edgepipe.runtimes.tensorrt import tensorrt_here
 
         if tensorrt_here() is not None:
-            manifest = {**manifest, "runtime": "onnxruntime", "graphs": manifest["graphs"]["proxy"]}
+            manifest = {
+                **manifest,
+                "runtime": "onnxruntime",
+                "graphs": manifest["graphs"]["proxy"],
+                "session_config": runner.TENSORRT_PROXY_SESSION,
+            }
     return runner.DecoderGraphs(str(path), manifest, threads)
 
 

@@ -122,6 +122,8 @@ def _fmt_lm(rec: dict | None) -> str:
 
 
 def _print_build_summary(bundle) -> None:
+    from edgepipe.harness.runner import bench_kind
+
     m = bundle.manifest
     stages = Table(
         title=f"{m['model']} -> {m['target']['name']} ({m['runtime']}, {m['precision']})", title_justify="left"
@@ -152,7 +154,7 @@ def _print_build_summary(bundle) -> None:
         )
     else:
         table.add_row("latency", lat.get("where", "-"))
-    if m.get("kind") == "decoder":
+    if bench_kind(m) == "decoder":
         table.add_row("fidelity", f"{_fmt_lm(fid.get('lowered'))} (held-back text)")
     else:
         table.add_row("fidelity vs teacher", f"{_fmt_cos(fid.get('lowered'))} (mean / min cosine, held-back text)")
@@ -244,6 +246,7 @@ def inspect(bundle: Path) -> None:
       edgepipe inspect artifacts/minilm-student/host-cpu
     """
     from edgepipe.bundle import open_bundle
+    from edgepipe.harness.runner import bench_kind
 
     m = open_bundle(bundle)
     head = Table(show_header=False, box=None)
@@ -253,7 +256,7 @@ def inspect(bundle: Path) -> None:
     head.add_row("built", f"{m['created']} with edgepipe {m['edgepipe_version']}")
     head.add_row("versions", ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()))
     console.print(head)
-    decoder = m["kind"] == "decoder"
+    decoder = bench_kind(m) == "decoder"
     columns = ("perplexity", "top-1 vs teacher") if decoder else ("mean cosine", "min cosine")
     fid = Table("stage", *columns, title="fidelity vs the teacher (held-back text)", title_justify="left")
     for stage, rec in m.get("fidelity", {}).items():

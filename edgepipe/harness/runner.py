@@ -160,6 +160,12 @@ def verify(bundle: str) -> dict:
 # prepare() does every conversion up front so the timed loop measures the runtime, not the runner.
 
 
+# A TensorRT bundle's Q/DQ graphs in onnxruntime as its proxy: with ORT's Q/DQ fusion off every DequantizeLinear runs
+# as written, i.e. the exact fake-quant arithmetic an int8 engine computes (ORT's fused s8s8 kernels are wrong on
+# x86 CPUs without VNNI).
+TENSORRT_PROXY_SESSION = {"session.disable_quant_qdq": "1"}
+
+
 class OrtSession:
     def __init__(self, path: str, manifest: dict, threads: int | None) -> None:
         import onnxruntime as ort
@@ -168,6 +174,8 @@ class OrtSession:
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
+        for key, value in (manifest.get("session_config") or {}).items():
+            options.add_session_config_entry(key, value)
         target = manifest.get("target") or {}
         wanted = [
             *((target.get("runtime_options") or {}).get("providers") or []),
@@ -1189,6 +1197,12 @@ def bench_decoder(bundle: str, manifest: dict, args: argparse.Namespace) -> dict
 BENCHES = {"encoder": bench_encoder, "decoder": bench_decoder}
 
 
+def bench_kind(manifest: dict) -> str:
+    """How a bundle runs: "decoder" for edgepipe's prefill + decode graphs, else "encoder": one graph fed
+    check.npz's inputs, which is also how Optimum's exports of any task (text generation included) run."""
+    return "decoder" if "decode" in (manifest.get("graphs") or {}) else "encoder"
+
+
 def bench(bundle: str, args: argparse.Namespace) -> dict:
     """Verify the bundle, run its benchmark, and assemble the edgepipe.bench/1 record."""
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -1210,9 +1224,7 @@ def bench(bundle: str, args: argparse.Namespace) -> dict:
             ),
             EXIT_MISSING_RUNTIME,
         )
-    kind = manifest.get("kind", "encoder")
-    if kind not in BENCHES:
-        raise RunnerError(f"manifest kind {kind!r} is not one of {sorted(BENCHES)}", EXIT_BAD_FILES)
+    kind = bench_kind(manifest)
     result = BENCHES[kind](bundle, manifest, args)
     target = manifest.get("target") or {}
     graph = graph_path(bundle, manifest) if kind == "encoder" else None
