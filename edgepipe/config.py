@@ -24,11 +24,11 @@ DATA_DIR = ROOT / "calibration_data"
 RUNTIMES = ("onnxruntime", "executorch", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "w8a8", "int8-fp16", "a8w16")
 # Decoder bundles (prefill + decode graphs) per runtime; a8w16 = the tiered INT8 KV cache (edgepipe.decoders).
-# TensorRT: fp32 graphs; fp16 is the builder flag.
+# TensorRT: fp32 graphs (fp16 is the builder flag) or explicit Q/DQ graphs (int8-fp16).
 DECODER_PRECISIONS = {
     "onnxruntime": ("fp32", "fp16", "int8-dynamic", "a8w16"),
     "executorch": ("fp32", "a8w16"),
-    "tensorrt": ("fp32", "fp16"),
+    "tensorrt": ("fp32", "fp16", "int8-fp16"),
 }
 KINDS = ("encoder", "decoder")
 DECODER_MODEL_TYPES = ("llama", "mamba2")  # HF model_types edgepipe's own decoders load (models.hf_decoders)

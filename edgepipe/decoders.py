@@ -31,7 +31,7 @@ from edgepipe.errors import BuildError, ModelError, UsageError
 from edgepipe.manifest import read_manifest, sha256_file, write_manifest
 from edgepipe.pipeline import Bundle, checkpoint_hash, run_stage, staged_bundle
 from edgepipe.progress import Progress
-from edgepipe.runtimes.lm_graphs import graph_io, lower_decoder
+from edgepipe.runtimes.lm_graphs import STATIC_PRECISIONS, calibration_feeds, graph_io, lower_decoder, prefill_tokens
 
 GRAPHS_FORMAT = 2  # bump when the lowered graphs change for the same inputs (2: a8w16 INT8 layer boundaries)
 EVAL_WINDOWS = 8
@@ -47,8 +47,11 @@ TOLERANCES = {
     "fp16": {"atol": 0.25, "min_cosine": 0.999, "min_token_agreement": 0.75},
     "int8-dynamic": {"atol": 2.0, "min_cosine": 0.98, "min_token_agreement": 0.5},
     "a8w16": {"atol": 0.1, "min_cosine": 0.999, "min_token_agreement": 0.9},
+    "int8-fp16": {"atol": 2.0, "min_cosine": 0.98, "min_token_agreement": 0.5},
 }
-FALLBACK = {"a8w16": "fp32", "int8-dynamic": "fp32", "fp16": "fp32"}
+FALLBACK = {"a8w16": "fp32", "int8-dynamic": "fp32", "fp16": "fp32", "int8-fp16": "fp16"}
+CALIBRATION_WINDOWS = 16  # static INT8 (TensorRT int8-fp16): windows of calibration text fed through both graphs
+CALIBRATION_DECODE_STEPS = 8
 
 
 def load_tokenizer(path: Path):
@@ -149,12 +152,23 @@ def tiered_decoder(model, tok, kv: dict, name: str = "the model"):
 WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8-dynamic": 1.0, "a8w16": 4.0}  # a8w16: fp32 weights on CPU runtimes
 
 
+def weight_bytes(model, precision: str) -> float:
+    """Bytes per parameter of ``model``'s weights at ``precision`` (parameters() counts a tied LM head once)."""
+    if precision != "int8-fp16":
+        return WEIGHT_BYTES[precision]
+    # TensorRT int8-fp16: int8 weight GEMMs; the LM head (tied to the embedding), norms and the rest fp16
+    params = sum(p.numel() for p in model.parameters())
+    int8 = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.lm_head)
+    return (int8 + 2 * (params - int8)) / params
+
+
 def decoder_facts(model, module, prefill_tokens: int, precision: str) -> dict:
     """The manifest's ``decoder`` block: form, chunking, cache and state sizes, and decode memory."""
     from edgepipe.models.decoder import DecoderLM
 
     state = int(sum(t.numel() * t.element_size() for t in module.init_state(1)))
-    weights = int(sum(p.numel() for p in model.parameters()) * WEIGHT_BYTES[precision])  # parameters() dedups ties
+    per_param = weight_bytes(model, precision)
+    weights = int(sum(p.numel() for p in model.parameters()) * per_param)  # parameters() dedups ties
     facts = {
         "form": model.cfg.attention if isinstance(model, DecoderLM) else "mamba2",
         "prefill_tokens": prefill_tokens,
@@ -170,19 +184,20 @@ def decoder_facts(model, module, prefill_tokens: int, precision: str) -> dict:
 
         # the graphs' state is the cache: fp32 for plain caches, INT8 + fp16 for the tiered one
         facts["decode_memory_bytes"] = decode_memory(
-            module, model.cfg.cache_len, weight_bytes=WEIGHT_BYTES[precision], cache_dtype=torch.float32
+            module, model.cfg.cache_len, weight_bytes=per_param, cache_dtype=torch.float32
         )
     return facts
 
 
 def open_graphs(directory: Path, target, meta: dict, threads: int | None = None):
     """``harness.runner.DecoderGraphs`` over lowered graphs in ``directory`` (``meta``: files, io, decoder)."""
-    from edgepipe.harness.runner import DecoderGraphs
+    from edgepipe.harness.runner import TENSORRT_PROXY_SESSION, DecoderGraphs
 
     # TensorRT's engines are built on the device; here its ONNX graphs run in onnxruntime as the proxy
-    runtime = "onnxruntime" if target.runtime == "tensorrt" else target.runtime
+    proxy = target.runtime == "tensorrt"
     manifest = {
-        "runtime": runtime,
+        "runtime": "onnxruntime" if proxy else target.runtime,
+        "session_config": TENSORRT_PROXY_SESSION if proxy else {},
         "target": target.to_dict(),
         "io": meta["io"],
         "decoder": meta["decoder"],
@@ -353,12 +368,15 @@ class DecoderBuild:
 
         target = self.target
         kv = (self.recipe.decoder or {}).get("kv_cache", {}) if precision == "a8w16" else {}
+        quant = self.recipe.quantize
+        static = precision in STATIC_PRECISIONS
         payload = {
             "model": model_hash,
             "runtime": target.runtime,
             "options": target.runtime_options,
             "precision": precision,
             "kv_cache": kv,
+            "calibration": {"data": quant.calibration, "method": quant.method} if static else None,
             "check": self.recipe.validate.data,
             "graphs": GRAPHS_FORMAT,
         }
@@ -366,7 +384,13 @@ class DecoderBuild:
         def run(out: Path) -> dict:
             model = load_model()
             module, extra = self.lowered_module(model, precision, tok)
-            lowered = lower_decoder(module, target, precision, out)
+            calibration = None
+            if static:  # real text through both graphs: the activation scales of the Q/DQ pairs
+                chunk = prefill_tokens(module)
+                length = min(3 * chunk + CALIBRATION_DECODE_STEPS, model_context(model))
+                windows = eval_windows(tok, quant.calibration, length, CALIBRATION_WINDOWS)
+                calibration = calibration_feeds(module, list(windows), chunk, CALIBRATION_DECODE_STEPS)
+            lowered = lower_decoder(module, target, precision, out, calibration, quant.method)
             prompt = encode_text(tok, read_sentences(self.recipe.validate.data, 4))[:CHECK_PROMPT_TOKENS][None]
             prompt = torch.from_numpy(prompt)
             with torch.no_grad():

@@ -114,11 +114,7 @@ def main() -> int:
         )
     print(f"{'point':28s} {'seq':>4s} {'ms':>8s} {'x anchor':>9s} {'mean cos':>9s} {'min cos':>8s} frontier")
     for r in rows:
-        cos = (
-            f"{r['mean_cosine']:9.4f} {r['min_cosine']:8.4f}"
-            if "mean_cosine" in r
-            else f"{'-':>9s} {'-':>8s}"
-        )
+        cos = f"{r['mean_cosine']:9.4f} {r['min_cosine']:8.4f}" if "mean_cosine" in r else f"{'-':>9s} {'-':>8s}"
         print(
             f"{r['name']:28s} {r['seq']:4d} {r['ms']:8.2f} {r['vs_anchor']:9.2f} {cos} {'*' if r['frontier'] else ''}"
         )

@@ -303,3 +303,27 @@ def runner_subprocess(script: Path):
     import sys
 
     return subprocess.run([sys.executable, str(script)], cwd=script.parent, capture_output=True, text=True)
+
+
+def test_tensorrt_int8_fp16_decoder_graphs_are_explicit_qdq_calibrated_on_real_text(lm, tmp_path):
+    """jetson int8-fp16: every weight GEMM but the LM head gets a Q/DQ pair on both operands (activation scales
+    from calibration text fed through both graphs), the graphs pass TensorRT's rules, the plan turns INT8 and FP16
+    on, and the fake-quant proxy keeps the teacher's next tokens within the budget."""
+    import onnx
+
+    from edgepipe.stages.quantize import int8_coverage
+
+    bundle = lm(target="jetson", precision="int8-fp16", out=tmp_path)
+    m = bundle.manifest
+    assert m["precision"] == "int8-fp16", m["stages"][-1]
+    for graph in ("prefill", "decode"):
+        report = m["lowering"][graph]
+        assert report["tensorrt_checks"]["rules"] == "passed" and report["calibration"]["calls"] >= 16
+        layers = int8_coverage(onnx.load(str(bundle.path / f"{graph}.onnx"), load_external_data=False))["layers"]
+        assert [k for k, v in layers.items() if v == "float"] == report["kept_fp16"] == ["lm_head"]
+        assert len(layers) == report["weight_gemms"] == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer + head
+    plan = json.loads((bundle.path / "build_plan.json").read_text())
+    assert plan["flags"] == {"int8": True, "fp16": True, "tf32": True}
+    fid = m["fidelity"]["lowered"]
+    assert 1.0 - fid["top1_vs_pytorch"] <= 0.05 and fid["top1_vs_pytorch"] < 1.0  # int8 is not free, and in budget
+    assert check_bundle(bundle.path).passed

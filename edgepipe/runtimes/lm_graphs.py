@@ -18,6 +18,10 @@ Precision plans for decoders:
   V scales): the state itself is INT8 for everything but the newest ``active`` tokens. Weights and compute stay
   in fp32 on CPU runtimes (ONNX Runtime's and XNNPACK's fp16 GEMMs on x86 are emulated and slower); the manifest
   says so.
+- ``int8-fp16`` (TensorRT): explicit Q/DQ on the inputs of every weight GEMM but the LM head, activation scales
+  calibrated on real text fed through both graphs (``calibration_feeds``), symmetric int8 with per-channel weights;
+  TensorRT fuses each pair into an int8 GEMM and runs the rest (attention, norms, the LM head) in FP16. The LM head
+  stays out of int8 because its logits pick the next token.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from edgepipe.models.decoder import DecodeGraph
 from edgepipe.runtimes import Lowered
 
 GRAPHS = ("prefill", "decode")
+STATIC_PRECISIONS = ("int8-fp16",)  # Q/DQ graphs with calibrated activation scales (TensorRT)
 PREFILL_TOKENS = 32
 EXTENSIONS = {"onnxruntime": ".onnx", "executorch": ".pte", "tensorrt": ".onnx"}
 
@@ -95,14 +100,23 @@ def example_inputs(model: nn.Module, tokens: int) -> tuple[Tensor, ...]:
     return (ids, torch.zeros(1, dtype=torch.long), *model.init_state(1))
 
 
-def lower_decoder(model: nn.Module, target: Target, precision: str, out_dir: Path) -> Lowered:
+def lower_decoder(
+    model: nn.Module,
+    target: Target,
+    precision: str,
+    out_dir: Path,
+    calibration: dict[str, list[dict[str, np.ndarray]]] | None = None,
+    method: str = "minmax",
+) -> Lowered:
     """Write ``prefill`` and ``decode`` graphs of ``model`` for ``target``'s runtime at ``precision``.
 
     Args:
         model: A DecoderLM, MambaLM or TieredDecoder (a8w16) in eval mode.
-        target: Its ``runtime`` picks the lowering (onnxruntime or executorch + XNNPACK).
+        target: Its ``runtime`` picks the lowering (onnxruntime, executorch + XNNPACK, or TensorRT's ONNX).
         precision: One of ``precisions(target.runtime)``; ``a8w16`` expects a TieredDecoder.
         out_dir: Where to write ``prefill.<ext>`` and ``decode.<ext>``.
+        calibration: Static INT8 plans (TensorRT ``int8-fp16``): real feeds per graph, from ``calibration_feeds``.
+        method: Calibration method for the activation scales (``stages.calibrate``).
 
     Raises:
         UsageError: A runtime or precision decoder bundles do not support.
@@ -120,6 +134,8 @@ def lower_decoder(model: nn.Module, target: Target, precision: str, out_dir: Pat
             f"it lowers {', '.join(PRECISIONS[runtime])}.",
             hint=f"Use --precision {PRECISIONS[runtime][0]}.",
         )
+    if precision in STATIC_PRECISIONS and not calibration:
+        raise BuildError(f"Decoder precision {precision} needs calibration feeds for both graphs.")
     out_dir.mkdir(parents=True, exist_ok=True)
     tokens = prefill_tokens(model)
     files, report = {}, {"prefill_tokens": tokens, "precision": precision}
@@ -130,13 +146,17 @@ def lower_decoder(model: nn.Module, target: Target, precision: str, out_dir: Pat
             report[graph] = _lower_executorch(model, inputs, target, path)
         else:  # TensorRT takes the fp32 ONNX; fp16 is its builder flag
             report[graph] = _lower_onnx(model, inputs, "fp32" if runtime == "tensorrt" else precision, path)
+            if precision in STATIC_PRECISIONS:
+                report[graph].update(_qdq_graph(path, calibration[graph], method))
         files[graph] = path
     if runtime in ("onnxruntime", "tensorrt"):
         files["weights"] = share_weights([files["prefill"], files["decode"]], out_dir / "weights.bin")
         report["shared_weights"] = {"file": "weights.bin", "bytes": files["weights"].stat().st_size}
     if runtime == "tensorrt":
         files.update(_tensorrt_plan(target, precision, files, out_dir, report))
-    report["weights"] = "fp16" if precision == "fp16" else "int8" if precision == "int8-dynamic" else "fp32"
+    report["weights"] = {"fp16": "fp16", "int8-dynamic": "int8", "int8-fp16": "int8 (Q/DQ) + fp16 LM head"}.get(
+        precision, "fp32"
+    )
     if precision == "a8w16":
         boundaries = "; residual stream INT8 at every layer boundary (calibrated per-channel scales)"
         report["note"] = (
@@ -176,7 +196,7 @@ def _tensorrt_plan(target: Target, precision: str, files: dict[str, Path], out_d
     from edgepipe.runtimes import tensorrt as trt_rt
 
     for graph in GRAPHS:
-        model = onnx.load(str(files[graph]), load_external_data=False)
+        model = onnx.load(str(files[graph]))  # with weights.bin: the rules read Q/DQ scales and weight shapes
         problems = trt_rt.check_graph(model)
         if problems:
             raise BuildError(
@@ -190,7 +210,12 @@ def _tensorrt_plan(target: Target, precision: str, files: dict[str, Path], out_d
         "schema": "edgepipe.trt_build_plan/1",
         "precision": precision,
         "engines": [{"graph": g, "onnx": files[g].name, "engine": f"{g}.plan"} for g in GRAPHS],
-        "flags": {"int8": False, "fp16": precision == "fp16", "tf32": precision == "fp16"},
+        # Q/DQ graphs are explicitly quantized: INT8 lets TensorRT use their scales, FP16 runs everything else.
+        "flags": {
+            "int8": precision in STATIC_PRECISIONS,
+            "fp16": precision in ("fp16", *STATIC_PRECISIONS),
+            "tf32": precision != "fp32",
+        },
         "workspace_mb": int(opts.get("workspace_mb", 1024)),
         "builder_optimization_level": int(opts.get("builder_optimization_level", 3)),
         "profiles": [],  # static shapes: no optimisation profile
@@ -204,6 +229,71 @@ def _tensorrt_plan(target: Target, precision: str, files: dict[str, Path], out_d
     shutil.copy2(Path(__file__).with_name("build_engine.py"), script)
     report["engine"] = "built on the device: python3 build_engine.py in the bundle (prefill.plan, decode.plan)"
     return {"build_plan": plan_path, "build_engine": script}
+
+
+def calibration_feeds(
+    model: nn.Module, windows: list[np.ndarray], chunk: int, decode_steps: int = 8
+) -> dict[str, list[dict[str, np.ndarray]]]:
+    """What each graph is fed on real text: every window prefilled chunk by chunk, then ``decode_steps`` tokens
+    decoded one by one, each call's inputs (ids, position and the state so far) recorded for its graph.
+
+    Args:
+        model: The module the graphs are traced from (``step`` and ``init_state``).
+        windows: Token ids of calibration text, each at least ``chunk + decode_steps`` long.
+        chunk: The prefill graph's token count (``prefill_tokens(model)``).
+        decode_steps: Decode calls recorded per window.
+    """
+    names = ["input_ids", "position", *model.state_names]
+    feeds: dict[str, list[dict[str, np.ndarray]]] = {"prefill": [], "decode": []}
+
+    def call(graph: str, ids: np.ndarray, position: int, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        inputs = (torch.from_numpy(ids[None]), torch.tensor([position]), *state)
+        feeds[graph].append({n: t.numpy().copy() for n, t in zip(names, inputs, strict=True)})
+        return tuple(model.step(*inputs)[1:])
+
+    with torch.no_grad():
+        for w in windows:
+            w = np.asarray(w, np.int64)
+            state, pos = tuple(model.init_state(1)), 0
+            while pos + chunk + decode_steps <= len(w):
+                state, pos = call("prefill", w[pos : pos + chunk], pos, state), pos + chunk
+            for _ in range(min(decode_steps, len(w) - pos)):
+                state, pos = call("decode", w[pos : pos + 1], pos, state), pos + 1
+    return feeds
+
+
+def _qdq_graph(path: Path, feeds: list[dict[str, np.ndarray]], method: str) -> dict:
+    """Rewrite the fp32 graph at ``path`` with TensorRT's explicit Q/DQ on every weight GEMM but the LM head."""
+    import tempfile
+
+    import onnx
+
+    from edgepipe.config import QuantizeConfig
+    from edgepipe.runtimes import QuantInputs
+    from edgepipe.runtimes import onnxruntime as ort_rt
+    from edgepipe.runtimes import tensorrt as trt_rt
+    from edgepipe.stages import calibrate as cal
+    from edgepipe.stages import quantize as q
+
+    float_model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    gemms = q.weight_gemms(float_model)
+    nodes = [g.node for g in gemms if "lm_head" not in g.layer]
+    if not nodes:
+        raise BuildError(f"{path.name} has no weight GEMM to quantize.", hint="Use --precision fp16.")
+    quant = QuantInputs(calibration=feeds, held_out=[], reference=np.zeros(0), config=QuantizeConfig(method=method))
+    with tempfile.TemporaryDirectory(prefix=".quantize-", dir=path.parent) as tmp:
+        qdq = ort_rt._quantize_all(float_model, nodes, quant, trt_rt.trt_qdq_flavor(), Path(tmp))
+    del qdq.graph.value_info[:]
+    onnx.save(qdq, str(path))
+    coverage = q.int8_coverage(qdq)
+    return {
+        "int8_gemms": sum(v == "int8" for v in coverage["layers"].values()),
+        "weight_gemms": len(gemms),
+        "int8_coverage": coverage,
+        "calibration": {"method": cal.check_method(method), "calls": len(feeds)},
+        "kept_fp16": [g.layer for g in gemms if g.node not in nodes],
+        "ops": dict(Counter(n.op_type for n in qdq.graph.node)),
+    }
 
 
 def share_weights(graphs: list[Path], blob: Path, threshold: int = 1024, align: int = 4096) -> Path:
