@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,9 @@ class Target:
     runtime_options: dict = field(default_factory=dict)  # the [onnxruntime] / [executorch] / [tensorrt] table
     deploy: dict = field(default_factory=dict)
     latency: dict = field(default_factory=dict)
+    # [quantize]: recipe quantize settings this target imposes (e.g. the fidelity budget an integer-only NPU can
+    # meet); a --set quantize.<key> still wins
+    quantize: dict = field(default_factory=dict)
     path: str = ""
 
     @property
@@ -121,6 +124,10 @@ def _target_from_dict(name: str, data: dict, source: str) -> Target:
     runtime_options = f.get(runtime, dict, {}) if runtime else {}
     deploy = f.get("deploy", dict, {})
     latency = f.get("latency", dict, {})
+    quantize = f.get("quantize", dict, {})
+    bad = sorted(set(quantize) - {x.name for x in fields(QuantizeConfig)})
+    if bad:
+        problems.append(f"[quantize] has unknown keys {bad}; accepted: {[x.name for x in fields(QuantizeConfig)]}")
     f.unknown()
     if problems:
         raise ConfigError(problems, source)
@@ -134,6 +141,7 @@ def _target_from_dict(name: str, data: dict, source: str) -> Target:
         runtime_options=runtime_options,
         deploy=deploy,
         latency=latency,
+        quantize=quantize,
         path=source,
     )
 
@@ -449,6 +457,13 @@ def resolve_run_config(
     tgt = load_target(target)
     model = model or DEFAULT_MODEL
     path = Path(model).expanduser()
+    # the target's [quantize] settings sit between the recipe's and the user's --set
+    imposed = tuple(
+        f"quantize.{k}={json.dumps(v)}"
+        for k, v in tgt.quantize.items()
+        if not any(o.split("=", 1)[0].strip() == f"quantize.{k}" for o in overrides)
+    )
+    overrides = (*imposed, *overrides)
     recipe = recipe_for_checkpoint(path, overrides) if path.is_dir() else load_recipe(model, overrides)
     default = "fp32" if recipe.kind == "decoder" else tgt.precision  # decoders: quantized plans are opt-in
     return RunConfig(

@@ -79,3 +79,19 @@ def test_run_config_rejects_precision_the_target_cannot_run():
         UsageError, match="Target host-cpu runs fp32, fp16, int8-dynamic, w8a8, int8-fp16; the build asked for a8w16"
     ):
         resolve_run_config("minilm-teacher", "host-cpu", "a8w16", "artifacts")
+
+
+def test_integer_only_npu_target_sets_the_fidelity_budget_unless_the_user_does(tmp_path):
+    npu = resolve_run_config(None, "ethos-u55-128", None, tmp_path)
+    assert npu.recipe.quantize.fidelity_budget == load_target("ethos-u55-128").quantize["fidelity_budget"] == 0.05
+    assert npu.recipe.quantize.calibration == load_recipe(DEFAULT_MODEL).quantize.calibration  # the rest: the recipe's
+    mine = resolve_run_config(None, "ethos-u55-128", None, tmp_path, ("quantize.fidelity_budget = 0.02",))
+    assert mine.recipe.quantize.fidelity_budget == 0.02
+    assert resolve_run_config(None, "host-cpu", None, tmp_path).recipe.quantize.fidelity_budget == 0.01
+
+
+def test_target_quantize_table_takes_only_quantize_keys(tmp_path):
+    bad = tmp_path / "npu.toml"
+    bad.write_text('description = "x"\nruntime = "onnxruntime"\nprecision = "fp32"\n[quantize]\nbudget = 0.1\n')
+    with pytest.raises(ConfigError, match=r"\[quantize\] has unknown keys \['budget'\]"):
+        load_target(str(bad))
