@@ -13,7 +13,8 @@ full attention each runtime offers, measured per n:
 
 Forms that materialise the (heads, n, n) score tensor are skipped where it would exceed ``--max-scores-gb``
 (the machine is shared), and a full variant 4x slower than the best at some n >= 1024 is dropped for larger n; both are
-printed. All variants of one (runtime, scope, n) are timed round-robin (median of --repeats). Prints ms,
+printed. All variants of one (runtime, scope, n) are timed in --rounds rounds; in each, every variant runs a warm-up
+and then --repeats timed calls in a row (median over all timed calls). Prints ms,
 µs per token, the ratio full/form and the FLOP ratio beside it (the bound); ``--json FILE`` writes rows
 ``{"runtime","scope","form","n","ms","gflop"}``.
 
@@ -340,13 +341,19 @@ def bench_n(args: argparse.Namespace, runtime: str, scope: str, n: int, variants
                 got = torch.as_tensor(got[0])
                 err = (got - model(x)).abs().max().item()
                 notes[form, variant] = notes.get((form, variant), "") + f" max|diff|={err:.1e}"
+    # Rounds of blocks: in each round every variant runs one untimed call, then --repeats timed calls in a row.
+    # Alternating variant by variant call by call instead timed each call cold: the previous variant's thread pool
+    # was still spinning on the cores and its tensors filled the caches, a fixed cost per call that made the fast
+    # forms look slow (ORT windowed attention at n=4096: 123 ms that way, 70 ms warm; per-token cost "falling" with n).
     times: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
     with torch.inference_mode():
-        for _ in range(args.repeats):
+        for _ in range(args.rounds):
             for key, (run, *run_args) in runs.items():
-                start = time.perf_counter()
                 run(*run_args)
-                times[key].append((time.perf_counter() - start) * 1000)
+                for _ in range(args.repeats):
+                    start = time.perf_counter()
+                    run(*run_args)
+                    times[key].append((time.perf_counter() - start) * 1000)
     rows = []
     for (form, variant), ts in times.items():
         ms = statistics.median(ts)
@@ -438,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scopes", nargs="+", choices=SCOPES, default=list(SCOPES))
     parser.add_argument("--forms", nargs="+", choices=FORMS, default=list(FORMS))
     parser.add_argument("--window", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per point (median), after one warm-up")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant per round, after a warm-up")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds over all variants (median of every timed run)")
     parser.add_argument(
         "--max-scores-gb",
         type=float,
