@@ -194,6 +194,8 @@ class DistillConfig:
     seed: int = 0
     data: str = "train.txt"
     sentences: int = 0  # distinct training sentences (teacher targets computed once each); 0: steps * batch_size
+    transfer_steps: int = 0  # attention transfer first: each swapped mixer alone learns its teacher layer's output
+    transfer_lr: float = 1e-3
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -17,6 +18,8 @@ from edgepipe.errors import BuildError
 from edgepipe.models.hf import load_encoder
 from edgepipe.progress import Progress
 from edgepipe.stages.distill import (
+    MixerTransfer,
+    attention_transfer,
     distill,
     length_grouped_batches,
     load_student,
@@ -57,6 +60,48 @@ def test_make_student_swaps_the_mixer(tiny_teacher, held_out, attention):
     student, _ = make_student(tiny_teacher, StudentConfig(layers=(0, 2), attention=attention))
     emb = embed_torch(student, held_out)
     assert emb.shape == (64, 64) and np.isfinite(emb).all()
+
+
+@pytest.mark.parametrize("attention", ["linear", "mamba2"])
+def test_attention_transfer_trains_only_the_swapped_mixers_toward_the_teachers_attention(
+    tiny_teacher, held_out, teacher_dir, attention
+):
+    """Each student mixer, fed its teacher layer's input, must come closer to that layer's attention output on
+    held-back text (not just on the batches it trained on), and nothing but the mixers may change."""
+    teacher = copy.deepcopy(tiny_teacher)
+    with torch.no_grad():
+        for layer in teacher.layers:  # peaked softmax, as in a trained model (the random init's is almost uniform)
+            layer.mixer.query.weight.mul_(8.0)
+    tok = load_tokenizer(teacher_dir / "tokenizer.json", 48)
+    student, layer_map = make_student(teacher, StudentConfig(layers=(0, 1, 2, 3), attention=attention))
+    probe = MixerTransfer(teacher, student, layer_map)
+    unseen = [(torch.from_numpy(b["input_ids"]), torch.from_numpy(b["attention_mask"]).float()) for b in held_out]
+    with torch.no_grad():
+        before = [probe(ids, mask).item() for ids, mask in unseen]
+    kept = {k: v.clone() for k, v in student.state_dict().items() if ".mixer." not in k}
+    cfg = DistillConfig(batch_size=16, transfer_steps=25, transfer_lr=1e-3)
+    sentences = read_sentences("train.txt", 400)
+    metrics = attention_transfer(teacher, student.train(), layer_map, tok, sentences, cfg, Progress(quiet=True))
+    assert metrics["relative_error_last"] < metrics["relative_error_first"], metrics
+    with torch.no_grad():
+        after = [probe(ids, mask).item() for ids, mask in unseen]
+    assert np.mean(after) < 0.9 * np.mean(before), (before, after)
+    assert all(torch.equal(student.state_dict()[k], v) for k, v in kept.items())  # embeddings, norms, FFNs untouched
+
+
+def test_distill_runs_attention_transfer_first_and_says_so_in_its_estimate(tmp_path, tiny_teacher, teacher_dir):
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    cfg = DistillConfig(steps=4, batch_size=8, warmup_steps=1, max_len=32, transfer_steps=3)
+    tok_path = teacher_dir / "tokenizer.json"
+    metrics = distill(
+        tiny_teacher, StudentConfig((0, 2), "linear"), cfg, tmp_path, Progress(console), tokenizer_path=tok_path
+    )
+    assert metrics["attention_transfer"]["steps"] == 3 and np.isfinite(
+        metrics["attention_transfer"]["relative_error_last"]
+    )
+    assert "attention transfer: 3 steps" in console.export_text()
 
 
 def test_make_student_rejects_layers_the_teacher_lacks(tiny_teacher):

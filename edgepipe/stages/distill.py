@@ -7,6 +7,11 @@ the last layer's state of every token. Batches group sentences of similar length
 padding. The teacher's outputs are computed once per (teacher, data) and cached, so steps never run the teacher
 and repeat runs with a different student reuse them.
 
+A student whose token mixer differs from the teacher's (windowed, linear, Mamba-2) can first go through
+``transfer_steps`` of attention transfer (LoLCATs, Zhang et al. 2024; MOHAWK's hidden-state alignment, Bick et al.
+2024): every student mixer, on its own, learns to map its teacher layer's input to that layer's attention output,
+so end-to-end training starts from layers that already mix tokens the way the teacher does.
+
 Runs unchanged under ``torchrun --nproc_per_node=N``: each rank trains on its own slice of every batch and
 gradients are averaged by DistributedDataParallel (gloo on CPU, nccl on GPU). Checkpoints (safetensors weights +
 optimizer state) are written every ``CHECKPOINT_EVERY`` steps into the work directory, and a restarted run resumes
@@ -269,7 +274,10 @@ def distill(
     start = _resume(out_dir, student, opt)
     if rank == 0 and start < cfg.steps:
         cached = targets_cache is not None and targets_cache.is_file()
-        progress.note(_estimate(teacher, student, tok, sentences, lengths, plan, cfg, start, world, cached))
+        progress.note(_estimate(teacher, student, layer_map, tok, sentences, lengths, plan, cfg, start, world, cached))
+    transfer = None
+    if start == 0 and cfg.transfer_steps:  # a resumed run's checkpoint already holds the transferred mixers
+        transfer = attention_transfer(teacher, student, layer_map, tok, sentences, cfg, progress)
 
     if world > 1 and rank != 0:
         torch.distributed.barrier()  # rank 0 computes (or loads) the teacher targets and writes the cache first
@@ -326,15 +334,74 @@ def distill(
         "seconds_per_step": round(seconds_per_step, 3),
         "layer_map": layer_map,
         "held_out_before": before or None,
+        "attention_transfer": transfer,
         "held_out": after or None,
     }
 
 
-def _estimate(teacher, student, tok, sentences, lengths, plan, cfg: DistillConfig, start, world, cached) -> str:
+class MixerTransfer(torch.nn.Module):
+    """The student's mixers, each fed its teacher layer's input; forward returns the mean relative error to the
+    teacher's mixer outputs (a module, so DistributedDataParallel syncs its gradients under torchrun)."""
+
+    def __init__(self, teacher: Encoder, student: Encoder, layer_map: list[int]) -> None:
+        super().__init__()
+        self.mixers = torch.nn.ModuleList(layer.mixer for layer in student.layers)
+        self.layer_map = layer_map
+        object.__setattr__(self, "teacher", teacher)  # not a submodule: frozen, and outside DDP's parameters
+
+    def forward(self, input_ids: Tensor, mask: Tensor) -> Tensor:
+        with torch.no_grad():
+            states = self.teacher.hidden_states(input_ids, mask)
+            inputs = [states[t] for t in self.layer_map]
+            targets = [self.teacher.layers[t].mixer(x, mask) for t, x in zip(self.layer_map, inputs)]
+        weight = mask.unsqueeze(-1) / mask.sum()
+        errors = []
+        for mixer, x, y in zip(self.mixers, inputs, targets):
+            errors.append(((mixer(x, mask) - y).square() * weight).sum() / ((y.square() * weight).sum() + 1e-9))
+        return torch.stack(errors).mean()
+
+
+def attention_transfer(teacher, student, layer_map, tok, sentences, cfg: DistillConfig, progress) -> dict:
+    """Train only the student's mixers, each to reproduce its teacher layer's mixer output from that layer's input.
+
+    The layers train independently (inputs come from the teacher, not from the student's previous layer), so a
+    mixer that cannot be initialised exactly from attention weights (linear attention's kernel, Mamba-2's gate and
+    step sizes) gets a dense, per-token signal before the end-to-end loss sees only pooled states. Batches are
+    drawn like the main loop's, with their own seed. Returns the relative error before and after.
+    """
+    rank, world = _dist()
+    teacher.eval()
+    model = MixerTransfer(teacher, student, layer_map)
+    opt = torch.optim.AdamW(model.mixers.parameters(), lr=cfg.transfer_lr, weight_decay=0.0)
+    step_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    plan = length_grouped_batches(token_lengths(tok, sentences), cfg.batch_size, cfg.transfer_steps, cfg.seed + 1)
+    history: list[float] = []
+    with progress.steps("attention transfer", cfg.transfer_steps) as bar:
+        for step, rows in enumerate(plan):
+            ids, mask = _tensors(tok, [sentences[i] for i in rows[rank::world]])
+            loss = step_model(ids, mask)
+            decay = 0.5 * (1 + math.cos(math.pi * step / cfg.transfer_steps))
+            for group in opt.param_groups:
+                group["lr"] = cfg.transfer_lr * (0.1 + 0.9 * decay)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.mixers.parameters(), 1.0)
+            opt.step()
+            history.append(loss.item())
+            bar.advance(info=f"relative error {np.mean(history[-20:]):.4f}")
+    return {
+        "steps": cfg.transfer_steps,
+        "relative_error_first": round(float(np.mean(history[:5])), 5),
+        "relative_error_last": round(float(np.mean(history[-20:])), 5),
+    }
+
+
+def _estimate(teacher, student, layer_map, tok, sentences, lengths, plan, cfg: DistillConfig, start, world, cached):
     """How long distillation will take here, from one teacher batch and two training steps timed now (~3 s).
 
     The steps train a copy of the student, so its weights and the run's optimizer are untouched. Both timings are
     scaled by tokens: the teacher's to the sum of all sentence lengths, the step's to the plan's mean padded length.
+    An attention-transfer step (teacher forward + every mixer's forward and backward) is timed the same way.
     """
     typical = [sentences[i] for i in np.argsort(np.abs(lengths - np.median(lengths)))[:TEACHER_BATCH]]
     ids, mask = _tensors(tok, typical)
@@ -355,11 +422,18 @@ def _estimate(teacher, student, tok, sentences, lengths, plan, cfg: DistillConfi
         opt.step()
         times.append(time.perf_counter() - t)
     mean_len = np.mean([lengths[p].max() for p in plan[start:]])
-    step_s = min(times) * mean_len / max(1, int(lengths[rows].max()))
+    scale = mean_len / max(1, int(lengths[rows].max()))
+    step_s = min(times) * scale
     steps_s = step_s * (cfg.steps - start)
+    transfer, transfer_s = "", 0.0
+    if start == 0 and cfg.transfer_steps:
+        t = time.perf_counter()
+        MixerTransfer(teacher, probe, layer_map)(ids, mask).backward()
+        transfer_s = (time.perf_counter() - t) * scale * cfg.transfer_steps
+        transfer = f"; attention transfer: {cfg.transfer_steps} steps, ~{transfer_s / 60:.1f} min"
     where = "cached" if cached else f"{len(sentences)} sentences, ~{teacher_s / 60:.1f} min"
     return (
-        f"distill: about {(teacher_s + steps_s) / 60:.1f} min here (teacher targets: {where}; "
+        f"distill: about {(teacher_s + transfer_s + steps_s) / 60:.1f} min here (teacher targets: {where}{transfer}; "
         f"{cfg.steps - start} steps at ~{step_s:.2f} s)"
     )
 
