@@ -408,7 +408,9 @@ class _Build:
     def manifest(self, lowered, validated, latency, precision, teacher_hash) -> dict:
         fidelity = {"teacher": {"mean_cosine": 1.0, "min_cosine": 1.0}}
         for rec in self.records:
-            if rec["stage"] == "distill":
+            if rec["stage"] == "distill":  # cut (and mixer swapped) from the teacher, then trained
+                if rec["metrics"].get("held_out_before"):
+                    fidelity["initialised"] = rec["metrics"]["held_out_before"]
                 fidelity["student"] = rec["metrics"].get("held_out")
         fidelity["lowered"] = validated.meta["vs_teacher"]
         fidelity["lowered_vs_pytorch"] = validated.meta["vs_pytorch"]

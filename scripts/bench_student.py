@@ -28,15 +28,16 @@ from edgepipe.data import encode, load_tokenizer, read_sentences
 from edgepipe.models.hf import load_encoder
 from edgepipe.runtimes import onnxruntime as ort_rt
 
-# name -> recipe overrides (all cut from all-MiniLM-L6-v2; see models/minilm-student.toml for the rest)
+# name -> (recipe, overrides); all cut from all-MiniLM-L6-v2. Depth/width points vary the default recipe; the swap
+# points are the shipped swap recipes (the teacher's six layers with another mixer, re-distilled).
 POINTS = {
-    "l3": ["student.layers=[1, 3, 5]"],
-    "l3-ffn768": ["student.layers=[1, 3, 5]", "student.ffn=768"],
-    "l2": ["student.layers=[2, 5]"],
-    "l2-ffn768": ["student.layers=[2, 5]", "student.ffn=768"],
-    "l3-windowed32": ["student.layers=[1, 3, 5]", 'student.attention="windowed:32"'],
-    "l3-linear": ["student.layers=[1, 3, 5]", 'student.attention="linear"'],
-    "l3-mamba2": ["student.layers=[1, 3, 5]", 'student.attention="mamba2"'],
+    "l3": ("minilm-student", ["student.layers=[1, 3, 5]"]),
+    "l3-ffn768": ("minilm-student", ["student.layers=[1, 3, 5]", "student.ffn=768"]),
+    "l2": ("minilm-student", ["student.layers=[2, 5]"]),
+    "l2-ffn768": ("minilm-student", ["student.layers=[2, 5]", "student.ffn=768"]),
+    "l6-windowed32": ("minilm-windowed", []),
+    "l6-linear": ("minilm-linear", []),
+    "mamba2": ("minilm-mamba", []),
 }
 SHAPES = ((1, 128), (1, 512))
 
@@ -73,15 +74,16 @@ def main() -> int:
     sessions: dict[str, object] = {}
     meta: dict[str, dict] = {}
     for point in args.points.split(","):
-        overrides = list(POINTS[point]) + ([f"distill.steps={args.steps}"] if args.steps else [])
+        recipe, overrides = POINTS[point]
+        overrides = overrides + ([f"distill.steps={args.steps}"] if args.steps else [])
         for precision in args.precisions.split(","):
-            cfg = resolve_run_config("minilm-student", "host-cpu", precision, args.out / point, tuple(overrides))
+            cfg = resolve_run_config(recipe, "host-cpu", precision, args.out / point, tuple(overrides))
             print(f"building {point} ({precision}) ...", file=sys.stderr, flush=True)
             bundle = pipeline.build(cfg)
             name = f"{point} {precision}"
             sessions[name] = ort_rt.load(bundle.path / "model.onnx", target, threads=args.threads)
             fid = bundle.manifest["fidelity"]["lowered"]
-            meta[name] = {"point": point, "precision": precision, "overrides": overrides, **fid}
+            meta[name] = {"point": point, "recipe": recipe, "precision": precision, "overrides": overrides, **fid}
 
     teacher_dir = pipeline.resolve_teacher(cfg.recipe)
     work = Path(tempfile.mkdtemp(prefix="bench-student-"))

@@ -51,7 +51,8 @@ def test_build_distills_a_student_and_records_each_stage_fidelity(tmp_path, tiny
     stages = [r["stage"] for r in bundle.manifest["stages"]]
     assert stages == ["reference", "distill", "lower", "validate", "latency"]
     fid = bundle.manifest["fidelity"]
-    assert 0 < fid["student"]["mean_cosine"] <= 1
+    assert list(fid)[:4] == ["teacher", "initialised", "student", "lowered"]  # the chain, in order
+    assert 0 < fid["initialised"]["mean_cosine"] <= 1 and 0 < fid["student"]["mean_cosine"] <= 1
     # the lowered fp32 artifact reproduces the PyTorch student, so its fidelity vs the teacher is the student's
     assert abs(fid["lowered"]["mean_cosine"] - fid["student"]["mean_cosine"]) < 1e-4
     assert check_bundle(bundle.path).passed
