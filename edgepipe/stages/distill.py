@@ -375,14 +375,14 @@ def attention_transfer(teacher, student, layer_map, tok, sentences, cfg: Distill
     opt = torch.optim.AdamW(model.mixers.parameters(), lr=cfg.transfer_lr, weight_decay=0.0)
     step_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     plan = length_grouped_batches(token_lengths(tok, sentences), cfg.batch_size, cfg.transfer_steps, cfg.seed + 1)
+    schedule = replace(cfg, lr=cfg.transfer_lr, steps=cfg.transfer_steps, warmup_steps=0)  # cosine decay, no warm-up
     history: list[float] = []
     with progress.steps("attention transfer", cfg.transfer_steps) as bar:
         for step, rows in enumerate(plan):
             ids, mask = _tensors(tok, [sentences[i] for i in rows[rank::world]])
             loss = step_model(ids, mask)
-            decay = 0.5 * (1 + math.cos(math.pi * step / cfg.transfer_steps))
             for group in opt.param_groups:
-                group["lr"] = cfg.transfer_lr * (0.1 + 0.9 * decay)
+                group["lr"] = _lr(step, schedule)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.mixers.parameters(), 1.0)
