@@ -243,6 +243,9 @@ def _dataclass_from_table(cls: type, f: _Fields) -> Any:
         default = fld.default
         kind = (int, float) if isinstance(default, float) else type(default)
         value = f.get(name, kind, default)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:  # steps, rates, sizes, bars
+            f.problems.append(f"'{f.where}{name}' = {value} must be >= 0")
+            value = default
         kwargs[name] = float(value) if isinstance(default, float) else value
     f.unknown()
     return cls(**kwargs)
