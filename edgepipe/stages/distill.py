@@ -12,6 +12,10 @@ A student whose token mixer differs from the teacher's (windowed, linear, Mamba-
 2024): every student mixer, on its own, learns to map its teacher layer's input to that layer's attention output,
 so end-to-end training starts from layers that already mix tokens the way the teacher does.
 
+Training runs under bf16 autocast where the CPU has native bf16 (``distill.precision``; see ``training_precision``):
+weights, optimizer state and losses stay fp32, the matmuls run in bf16, and a step takes half the time at the same
+held-back fidelity (scripts/bench_student.py's recipe search measured both).
+
 Runs unchanged under ``torchrun --nproc_per_node=N``: each rank trains on its own slice of every batch and
 gradients are averaged by DistributedDataParallel (gloo on CPU, nccl on GPU). Checkpoints (safetensors weights +
 optimizer state) are written every ``CHECKPOINT_EVERY`` steps into the work directory, and a restarted run resumes
@@ -20,6 +24,7 @@ from the last one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -220,6 +225,24 @@ def _lr(step: int, cfg: DistillConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def training_precision(cfg: DistillConfig, attention: str) -> str:
+    """The arithmetic a distillation trains in: ``"bf16"`` (autocast) or ``"fp32"``.
+
+    ``"auto"`` takes bf16 where oneDNN reports native bf16 on this CPU (AVX512-BF16 or AMX; elsewhere bf16 is
+    emulated and slower than fp32) and the student mixes with softmax attention (full, windowed). Linear
+    attention's key-value sums and Mamba-2's scan accumulate over the whole sequence, so they stay fp32.
+    """
+    if cfg.precision != "auto":
+        return cfg.precision
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    softmax = attention == "full" or attention.startswith("windowed")
+    return "bf16" if native and softmax else "fp32"
+
+
+def _autocast(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
 def _dist() -> tuple[int, int]:
     """(rank, world size), initialising the process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -257,6 +280,7 @@ def distill(
         Metrics: steps, final losses, held-back cosine before and after, seconds per step.
     """
     rank, world = _dist()
+    precision = training_precision(cfg, student_cfg.attention)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     tok = load_tokenizer(tokenizer_path, cfg.max_len)
@@ -274,10 +298,12 @@ def distill(
     start = _resume(out_dir, student, opt)
     if rank == 0 and start < cfg.steps:
         cached = targets_cache is not None and targets_cache.is_file()
-        progress.note(_estimate(teacher, student, layer_map, tok, sentences, lengths, plan, cfg, start, world, cached))
+        progress.note(
+            _estimate(teacher, student, layer_map, tok, sentences, lengths, plan, cfg, start, world, cached, precision)
+        )
     transfer = None
     if start == 0 and cfg.transfer_steps:  # a resumed run's checkpoint already holds the transferred mixers
-        transfer = attention_transfer(teacher, student, layer_map, tok, sentences, cfg, progress)
+        transfer = attention_transfer(teacher, student, layer_map, tok, sentences, cfg, progress, precision)
 
     if world > 1 and rank != 0:
         torch.distributed.barrier()  # rank 0 computes (or loads) the teacher targets and writes the cache first
@@ -299,7 +325,9 @@ def distill(
             t_emb = torch.from_numpy(targets["embedding"][idx]).float()
             t_pool = torch.from_numpy(targets["pooled"][idx][:, layer_map]).float()
             t_tok = _token_targets(targets, idx, ids.shape[1]) if cfg.token_weight else None
-            loss = _loss(model(ids, mask), mask, t_emb, t_pool, t_tok, cfg)
+            with _autocast(precision):
+                states = model(ids, mask)
+            loss = _loss([s.float() for s in states], mask, t_emb, t_pool, t_tok, cfg)
             for group in opt.param_groups:
                 group["lr"] = _lr(step, cfg)
             opt.zero_grad(set_to_none=True)
@@ -330,6 +358,7 @@ def distill(
         "resumed_from": start,
         "sentences": len(sentences),
         "world_size": world,
+        "precision": precision,
         "final_loss": round(float(np.mean(history[-20:])), 5) if history else None,
         "seconds_per_step": round(seconds_per_step, 3),
         "layer_map": layer_map,
@@ -361,7 +390,9 @@ class MixerTransfer(torch.nn.Module):
         return torch.stack(errors).mean()
 
 
-def attention_transfer(teacher, student, layer_map, tok, sentences, cfg: DistillConfig, progress) -> dict:
+def attention_transfer(
+    teacher, student, layer_map, tok, sentences, cfg: DistillConfig, progress, precision: str = "fp32"
+) -> dict:
     """Train only the student's mixers, each to reproduce its teacher layer's mixer output from that layer's input.
 
     The layers train independently (inputs come from the teacher, not from the student's previous layer), so a
@@ -380,7 +411,8 @@ def attention_transfer(teacher, student, layer_map, tok, sentences, cfg: Distill
     with progress.steps("attention transfer", cfg.transfer_steps) as bar:
         for step, rows in enumerate(plan):
             ids, mask = _tensors(tok, [sentences[i] for i in rows[rank::world]])
-            loss = step_model(ids, mask)
+            with _autocast(precision):
+                loss = step_model(ids, mask).float()
             for group in opt.param_groups:
                 group["lr"] = _lr(step, schedule)
             opt.zero_grad(set_to_none=True)
@@ -396,7 +428,9 @@ def attention_transfer(teacher, student, layer_map, tok, sentences, cfg: Distill
     }
 
 
-def _estimate(teacher, student, layer_map, tok, sentences, lengths, plan, cfg: DistillConfig, start, world, cached):
+def _estimate(
+    teacher, student, layer_map, tok, sentences, lengths, plan, cfg: DistillConfig, start, world, cached, precision
+):
     """How long distillation will take here, from one teacher batch and two training steps timed now (~3 s).
 
     The steps train a copy of the student, so its weights and the run's optimizer are untouched. Both timings are
@@ -417,7 +451,9 @@ def _estimate(teacher, student, layer_map, tok, sentences, lengths, plan, cfg: D
         t = time.perf_counter()
         ids, mask = _tensors(tok, [sentences[i] for i in rows])
         opt.zero_grad(set_to_none=True)
-        _pool(probe.hidden_states(ids, mask)[-1], mask).square().sum().backward()
+        with _autocast(precision):
+            last = probe.hidden_states(ids, mask)[-1]
+        _pool(last.float(), mask).square().sum().backward()
         torch.nn.utils.clip_grad_norm_(probe.parameters(), 1.0)
         opt.step()
         times.append(time.perf_counter() - t)
@@ -428,13 +464,15 @@ def _estimate(teacher, student, layer_map, tok, sentences, lengths, plan, cfg: D
     transfer, transfer_s = "", 0.0
     if start == 0 and cfg.transfer_steps:
         t = time.perf_counter()
-        MixerTransfer(teacher, probe, layer_map)(ids, mask).backward()
+        with _autocast(precision):
+            error = MixerTransfer(teacher, probe, layer_map)(ids, mask)
+        error.float().backward()
         transfer_s = (time.perf_counter() - t) * scale * cfg.transfer_steps
         transfer = f"; attention transfer: {cfg.transfer_steps} steps, ~{transfer_s / 60:.1f} min"
     where = "cached" if cached else f"{len(sentences)} sentences, ~{teacher_s / 60:.1f} min"
     return (
         f"distill: about {(teacher_s + transfer_s + steps_s) / 60:.1f} min here (teacher targets: {where}{transfer}; "
-        f"{cfg.steps - start} steps at ~{step_s:.2f} s)"
+        f"{cfg.steps - start} steps at ~{step_s:.2f} s, {precision})"
     )
 
 
