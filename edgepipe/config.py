@@ -7,6 +7,7 @@ a recipe in one pass.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import tomllib
@@ -370,7 +371,8 @@ def load_recipe(name_or_path: str, overrides: tuple[str, ...] = ()) -> ModelReci
     elif not path.is_file():
         raise UsageError(f"Recipe file '{name_or_path}' does not exist.", hint="See `edgepipe models`.")
     data = apply_overrides(_load_toml(path), overrides)
-    return recipe_from_dict(path.stem, data, str(path))
+    with _blaming(overrides):
+        return recipe_from_dict(path.stem, data, str(path))
 
 
 def recipe_for_checkpoint(path: Path, overrides: tuple[str, ...] = ()) -> ModelRecipe:
@@ -385,7 +387,21 @@ def recipe_for_checkpoint(path: Path, overrides: tuple[str, ...] = ()) -> ModelR
         model_type = None  # the route's own checks report a missing or broken config.json
     kind = "decoder" if model_type in DECODER_MODEL_TYPES else "encoder"
     data = apply_overrides({"description": f"checkpoint {path}", "kind": kind, "teacher": str(path)}, overrides)
-    return recipe_from_dict(path.name, data, str(path))
+    with _blaming(overrides):
+        return recipe_from_dict(path.name, data, str(path))
+
+
+@contextlib.contextmanager
+def _blaming(overrides: tuple[str, ...] | list[str]):
+    """Point each config problem about a key that ``--set`` gave at that override, not at the file."""
+    try:
+        yield
+    except ConfigError as exc:
+        given = {o.partition("=")[0].strip(): o.strip() for o in overrides}
+        problems = [
+            next((f"{p} (from --set {o})" for key, o in given.items() if f"'{key}'" in p), p) for p in exc.problems
+        ]
+        raise ConfigError(problems, exc.source) from None
 
 
 def resolve_data_file(name: str) -> Path:

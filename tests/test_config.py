@@ -70,6 +70,16 @@ def test_load_recipe_reports_wrong_types_and_bad_attention(tmp_path):
     )
 
 
+def test_problems_from_set_name_the_override_not_only_the_file():
+    with pytest.raises(ConfigError) as info:
+        load_recipe("minilm-student", ("distill.steps=-3", "distill.stepz=3", "validate.samples=64"))
+    assert sorted(info.value.problems) == [
+        "'distill.steps' = -3 must be >= 0 (from --set distill.steps=-3)",
+        "unknown key 'distill.stepz' (from --set distill.stepz=3)",
+    ]
+    assert "minilm-student.toml" in str(info.value)
+
+
 def test_overrides_parse_values_as_toml():
     data = apply_overrides({"distill": {"steps": 10}}, ["distill.steps=20", "distill.lr=1e-3", "validate.data=x.txt"])
     assert data == {"distill": {"steps": 20, "lr": 1e-3}, "validate": {"data": "x.txt"}}
