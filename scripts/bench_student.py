@@ -64,7 +64,7 @@ def main() -> int:
     ap.add_argument("--points", default=",".join(POINTS), help=f"Comma-separated subset of {', '.join(POINTS)}.")
     ap.add_argument("--precisions", default="fp32,int8-dynamic")
     ap.add_argument("--steps", type=int, default=None, help="Override distill.steps for every point.")
-    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=150, help="Timed runs per session and shape (3 rounds).")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--out", type=Path, default=Path("artifacts/bench-student"))
     ap.add_argument("--json", type=Path)
