@@ -14,7 +14,7 @@ so end-to-end training starts from layers that already mix tokens the way the te
 
 Training runs under bf16 autocast where the CPU has native bf16 (``distill.precision``; see ``training_precision``):
 weights, optimizer state and losses stay fp32, the matmuls run in bf16, and a step takes half the time at the same
-held-back fidelity (scripts/bench_student.py's recipe search measured both).
+held-back fidelity (measured on the default recipe; README, "The default student").
 
 Runs unchanged under ``torchrun --nproc_per_node=N``: each rank trains on its own slice of every batch and
 gradients are averaged by DistributedDataParallel (gloo on CPU, nccl on GPU). Checkpoints (safetensors weights +
