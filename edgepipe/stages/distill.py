@@ -437,12 +437,14 @@ def _estimate(
     scaled by tokens: the teacher's to the sum of all sentence lengths, the step's to the plan's mean padded length.
     An attention-transfer step (teacher forward + every mixer's forward and backward) is timed the same way.
     """
-    typical = [sentences[i] for i in np.argsort(np.abs(lengths - np.median(lengths)))[:TEACHER_BATCH]]
-    ids, mask = _tensors(tok, typical)
-    t = time.perf_counter()
-    with torch.no_grad():
-        teacher.eval().hidden_states(ids, mask)
-    teacher_s = 0.0 if cached else (time.perf_counter() - t) * lengths.sum() / ids.numel()
+    from edgepipe.progress import Progress
+
+    teacher_s = 0.0
+    if not cached:  # one batch through the cache's own code path: tokenize, forward, pool, copy out token states
+        typical = np.argsort(np.abs(lengths - np.median(lengths)))[:TEACHER_BATCH]
+        t = time.perf_counter()
+        teacher_targets(teacher, tok, [sentences[i] for i in typical], Progress(quiet=True), cfg.token_weight > 0)
+        teacher_s = (time.perf_counter() - t) * lengths.sum() / lengths[typical].sum()
     probe = copy.deepcopy(student)
     opt = torch.optim.AdamW([p for p in probe.parameters() if p.requires_grad], lr=cfg.lr)
     rows = plan[start][: max(1, cfg.batch_size // world)]
