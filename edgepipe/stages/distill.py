@@ -44,6 +44,7 @@ from edgepipe.config import DistillConfig, StudentConfig
 from edgepipe.data import encode, load_tokenizer, read_sentences
 from edgepipe.errors import BuildError, ModelError
 from edgepipe.models.transformer import Encoder, EncoderConfig
+from edgepipe.progress import Progress
 
 STUDENT_WEIGHTS = "model.safetensors"
 STUDENT_CONFIG = "config.json"
@@ -437,8 +438,6 @@ def _estimate(
     scaled by tokens: the teacher's to the sum of all sentence lengths, the step's to the plan's mean padded length.
     An attention-transfer step (teacher forward + every mixer's forward and backward) is timed the same way.
     """
-    from edgepipe.progress import Progress
-
     teacher_s = 0.0
     if not cached:  # one batch through the cache's own code path: tokenize, forward, pool, copy out token states
         typical = np.argsort(np.abs(lengths - np.median(lengths)))[:TEACHER_BATCH]
@@ -585,7 +584,6 @@ def main(argv: list[str] | None = None) -> None:
     from edgepipe.config import load_recipe
     from edgepipe.models.hf import load_encoder
     from edgepipe.pipeline import resolve_teacher
-    from edgepipe.progress import Progress
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--model", required=True, help="Recipe name or TOML path with a [student] table.")
