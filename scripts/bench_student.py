@@ -2,6 +2,7 @@
 
 Usage:
     python scripts/bench_student.py [--steps 400] [--points l3,l2] [--precisions fp32,int8-dynamic] [--json F]
+                                    [--set distill.sentences=76800 ...]
 
 Each point is built with the real pipeline (distill -> lower -> validate, all cached, so re-runs are cheap) for the
 host-cpu target, then timed in onnxruntime at 1x128 and 1x512 on real held-back text, interleaved round by round
@@ -64,6 +65,9 @@ def main() -> int:
     ap.add_argument("--points", default=",".join(POINTS), help=f"Comma-separated subset of {', '.join(POINTS)}.")
     ap.add_argument("--precisions", default="fp32,int8-dynamic")
     ap.add_argument("--steps", type=int, default=None, help="Override distill.steps for every point.")
+    ap.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="Recipe override, every point."
+    )
     ap.add_argument("--repeats", type=int, default=150, help="Timed runs per session and shape (3 rounds).")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--out", type=Path, default=Path("artifacts/bench-student"))
@@ -75,7 +79,7 @@ def main() -> int:
     meta: dict[str, dict] = {}
     for point in args.points.split(","):
         recipe, overrides = POINTS[point]
-        overrides = overrides + ([f"distill.steps={args.steps}"] if args.steps else [])
+        overrides = overrides + ([f"distill.steps={args.steps}"] if args.steps else []) + args.sets
         for precision in args.precisions.split(","):
             cfg = resolve_run_config(recipe, "host-cpu", precision, args.out / point, tuple(overrides))
             print(f"building {point} ({precision}) ...", file=sys.stderr, flush=True)
