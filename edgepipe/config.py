@@ -199,6 +199,7 @@ class DistillConfig:
     transfer_lr: float = 1e-3
     # Training arithmetic: bf16 autocast (fp32 weights, optimizer and losses) halves the step time on CPUs with
     # native bf16 (AVX512-BF16, AMX) at the same fidelity; "auto" takes it there for softmax-attention students.
+    # The teacher's targets are computed in the same arithmetic.
     precision: str = field(default="auto", metadata={"choices": ("auto", "bf16", "fp32")})
 
 

@@ -270,17 +270,20 @@ class _Build:
 
     def student_stage(self, teacher_hash: str, teacher_emb: np.ndarray, tok) -> StageResult:
         recipe = self.recipe
-        data_sha = sha256_file(resolve_data_file(recipe.distill.data))
+        d = recipe.distill
+        data_sha = sha256_file(resolve_data_file(d.data))
+        precision = training_precision(d, recipe.student.attention)  # "auto" differs by CPU
+        n = d.sentences or d.steps * d.batch_size
+        # The teacher's targets serve any student of this (teacher, data, precision); 2: every layer is pooled.
+        targets_key = digest([teacher_hash, data_sha, d.max_len, n, d.seed, d.token_weight > 0, 2, precision])
         payload = {
             "teacher": teacher_hash,
             "student": recipe.student.__dict__,
-            "distill": recipe.distill.__dict__,
+            "distill": d.__dict__,
             "data": data_sha,
-            "precision": training_precision(recipe.distill, recipe.student.attention),  # "auto" differs by CPU
+            "precision": precision,
+            "targets": targets_key,
         }
-        d = recipe.distill
-        n = d.sentences or d.steps * d.batch_size
-        targets_key = digest([teacher_hash, data_sha, d.max_len, n, d.seed, d.token_weight > 0, 2])  # 2: all layers
 
         def run(out: Path) -> dict:
             return distill(

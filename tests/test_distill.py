@@ -240,3 +240,19 @@ def test_teacher_token_targets_hold_each_sentences_own_states(tiny_teacher, teac
             last = tiny_teacher.hidden_states(torch.from_numpy(b["input_ids"]), torch.from_numpy(b["attention_mask"]))
         got = targets["tokens"][offsets[i] : offsets[i + 1]].astype(np.float32)
         np.testing.assert_allclose(got, last[-1][0].numpy(), atol=2e-2, rtol=1e-2)
+
+
+def test_bf16_teacher_targets_stay_close_to_fp32(tiny_teacher, teacher_dir):
+    tok = load_tokenizer(teacher_dir / "tokenizer.json", 64)
+    sentences = read_sentences("validation.txt", 96)
+    fp32, bf16 = (
+        teacher_targets(tiny_teacher, tok, sentences, Progress(quiet=True), tokens=True, precision=p)
+        for p in ("fp32", "bf16")
+    )
+    a, b = fp32["embedding"].astype(np.float32), bf16["embedding"].astype(np.float32)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cos.min() > 0.9999, cos.min()
+    assert not np.array_equal(fp32["tokens"], bf16["tokens"])  # bf16 did run
+    rel = np.abs(fp32["tokens"] - bf16["tokens"]).astype(np.float32).mean() / np.abs(fp32["tokens"]).mean()
+    assert rel < 0.01, rel
+    np.testing.assert_array_equal(fp32["offsets"], bf16["offsets"])
