@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from edgepipe.config import Target
-from edgepipe.errors import BundleError, UsageError
+from edgepipe.errors import BundleError, ModelError, UsageError
 from edgepipe.harness import runner
 from edgepipe.manifest import read_manifest
 from edgepipe.runtimes import get_runtime
@@ -71,6 +71,82 @@ def check_bundle(path: Path) -> CheckReport:
         raise BundleError(f"Bundle {path}: {exc}.", hint="Rebuild the bundle.") from None
     outputs = runtime.load(path / manifest["graphs"]["model"], target).run(inputs)
     return CheckReport(path, manifest, runner.compare_outputs(outputs, expected, manifest["validation"]))
+
+
+@dataclass
+class TextFidelity:
+    bundle: Path
+    manifest: dict
+    teacher: Path
+    result: dict  # validate.compare of the bundle's embeddings with the teacher's: mean/min cosine, max abs, n
+    worst: list[tuple[float, str]]  # the lowest-cosine lines, lowest first
+
+
+def text_fidelity(
+    path: Path, text: Path, samples: int = 512, teacher: Path | None = None, worst: int = 5, batch_size: int = 32
+) -> TextFidelity:
+    """Fidelity of an encoder bundle to its teacher on your own text: the bundle's sentence embeddings in its runtime
+    here against the teacher's in PyTorch, one line of ``text`` per sentence (the first ``samples`` lines).
+
+    The teacher is the checkpoint the bundle was built from (its manifest's ``source_model``, checked by content
+    hash) unless ``teacher`` names another directory.
+
+    Raises:
+        UsageError: Unreadable or empty text, or a bundle that is not one of edgepipe's encoders.
+        ModelError: The teacher checkpoint is missing here or is not the one the bundle was built from.
+        BundleError: The bundle is corrupt or cannot run on this machine.
+    """
+    from edgepipe.data import batches, load_tokenizer  # torch-side imports: the device runner imports this module
+    from edgepipe.models.hf import load_encoder
+    from edgepipe.pipeline import checkpoint_hash
+    from edgepipe.stages.validate import compare, cosines, embed_session, embed_torch
+
+    path, text = Path(path), Path(text).expanduser()
+    manifest = open_bundle(path)
+    if manifest.get("kind") != "encoder" or manifest.get("route", {}).get("path", "edgepipe") != "edgepipe":
+        raise UsageError(
+            f"Bundle {path} holds {manifest.get('model')} ({manifest.get('kind')}, built via "
+            f"{manifest.get('route', {}).get('path', 'edgepipe')}); --text compares sentence embeddings, so it takes "
+            "bundles of edgepipe's own encoders.",
+            hint="Check decoder and Optimum bundles with `edgepipe check BUNDLE` (their check.npz).",
+        )
+    try:
+        lines = [line.strip() for line in text.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise UsageError(
+            f"Cannot read --text '{text}' ({reason}).", hint="Pass a UTF-8 text file, one sentence per line."
+        ) from None
+    sentences = [line for line in lines if line][:samples]
+    if not sentences:
+        raise UsageError(f"--text '{text}' has no non-empty lines.", hint="Pass a text file, one sentence per line.")
+
+    source = manifest["source_model"]
+    teacher_dir = Path(teacher).expanduser() if teacher else Path(source["path"])
+    if not teacher_dir.is_dir():
+        raise ModelError(
+            f"The teacher {teacher_dir} that bundle {path} was built from is not on this machine.",
+            hint="Pass its checkpoint directory with --teacher.",
+        )
+    if checkpoint_hash(teacher_dir) != source["hash"]:
+        raise ModelError(
+            f"Teacher {teacher_dir} is not the checkpoint bundle {path} was built from (hash "
+            f"{checkpoint_hash(teacher_dir)}, the manifest says {source['hash']}).",
+            hint="Pass the bundle's own teacher with --teacher.",
+        )
+    runtime = get_runtime(manifest["runtime"])
+    target = Target(**manifest["target"])
+    runnable, why = runtime.can_run_here(target)
+    if not runnable:
+        raise BundleError(f"Bundle {path} cannot run on this machine: {why}.", hint="Build it for --target host-cpu.")
+
+    max_len = manifest.get("recipe", {}).get("validate", {}).get("max_len", 128)
+    tok = load_tokenizer(path / "tokenizer.json", max_len)
+    tokenized = list(batches(tok, sentences, batch_size))
+    out = embed_session(runtime.load(path / manifest["graphs"]["model"], target), tokenized)
+    ref = embed_torch(load_encoder(teacher_dir), tokenized)
+    lowest = sorted(zip(cosines(out, ref).tolist(), sentences))[:worst]
+    return TextFidelity(path, manifest, teacher_dir, compare(out, ref), lowest)
 
 
 def decoder_graphs(path: Path, manifest: dict, threads: int | None = None) -> runner.DecoderGraphs:

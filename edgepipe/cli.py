@@ -296,16 +296,32 @@ def _print_plan(plan: list[dict]) -> None:
 
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-def check(bundle: Path) -> None:
-    """Run the bundle's check.npz in its runtime here and report the error against its tolerances.
+@click.option(
+    "--text",
+    type=click.Path(path_type=Path),
+    help="Instead of check.npz: fidelity to the teacher on this text (one sentence per line; encoder bundles).",
+)
+@click.option("--samples", type=click.IntRange(1), default=512, show_default=True, help="Lines of --text to use.")
+@click.option(
+    "--teacher",
+    type=click.Path(path_type=Path),
+    help="The teacher's checkpoint directory, where it is not where the bundle was built.",
+)
+def check(bundle: Path, text: Path | None, samples: int, teacher: Path | None) -> None:
+    """Run the bundle's check.npz in its runtime here and report the error against its tolerances; with --text,
+    measure how close the bundle stays to its teacher on your own text.
 
     \b
-    Example:
+    Examples:
       edgepipe check artifacts/minilm-student/host-cpu
+      edgepipe check artifacts/minilm-student/host-cpu --text my-domain.txt
     """
     from edgepipe.bundle import check_bundle
     from edgepipe.errors import BuildError
 
+    if text is not None:
+        _check_text(bundle, text, samples, teacher)
+        return
     report = check_bundle(bundle)
     res = report.result
     table = Table("output", "mean cosine", "min cosine", "max abs", "tolerance")
@@ -321,6 +337,25 @@ def check(bundle: Path) -> None:
             f"Bundle {bundle} fails its check: {'; '.join(res['problems'])}.", hint="Rebuild it with --force."
         )
     console.print(f"[green]check passed[/] ({report.manifest['runtime']}, {report.manifest['precision']})")
+
+
+def _check_text(bundle: Path, text: Path, samples: int, teacher: Path | None) -> None:
+    from edgepipe.bundle import text_fidelity
+
+    fid = text_fidelity(bundle, text, samples, teacher)
+    m, res = fid.manifest, fid.result
+    held = m.get("fidelity", {}).get("lowered") or {}
+    columns = ("text", "sentences", "mean cosine", "min cosine")
+    table = Table(*columns, title="fidelity vs the teacher", title_justify="left")
+    for name, rec in ((str(text), res), ("held-back (the build's)", held)):
+        if "mean_cosine" in rec:
+            table.add_row(name, str(rec["n"]), f"{rec['mean_cosine']:.4f}", f"{rec['min_cosine']:.4f}")
+    console.print(table)
+    worst = Table("cosine", "lowest lines", title="where it strays most", title_justify="left")
+    for cos, line in fid.worst:
+        worst.add_row(f"{cos:.4f}", line if len(line) <= 100 else line[:99] + "…")
+    console.print(worst)
+    console.print(f"({m['model']} in {m['runtime']}, {m['precision']}; the teacher {fid.teacher} in PyTorch, fp32)")
 
 
 @cli.command()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 EDGEPIPE = [sys.executable, "-m", "edgepipe.cli"]
 FAST = ["--set", "validate.samples=48", "--set", "validate.max_len=64"]
+CALIBRATION = Path(__file__).resolve().parent.parent / "calibration_data" / "calibration.txt"
 
 
 def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -81,6 +83,13 @@ def test_build_inspect_check_round_trip(tmp_path, tiny_checkpoint):
     assert checked.returncode == 0 and "check passed" in checked.stdout
     again = run("build", "--model", str(tiny_checkpoint), "--precision", "fp32", "--out", str(out), *FAST)
     assert again.returncode == 0 and again.stdout.count(" hit ") == 4
+
+    on_text = run("check", str(bundle), "--text", str(CALIBRATION), "--samples", "16")
+    assert on_text.returncode == 0, on_text.stderr
+    assert "where it strays most" in on_text.stdout and "held-back (the build's)" in on_text.stdout
+    assert_one_line_error(
+        run("check", str(bundle), "--text", str(tmp_path / "missing.txt")), 2, "Cannot read --text", "UTF-8"
+    )
 
     (bundle / "model.onnx").write_bytes(b"corrupt")
     assert_one_line_error(run("check", str(bundle)), 1, "does not match its manifest", "model.onnx")

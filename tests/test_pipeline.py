@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from edgepipe import pipeline
-from edgepipe.bundle import check_bundle, open_bundle
-from edgepipe.config import resolve_run_config
-from edgepipe.errors import BundleError, UsageError
+from edgepipe.bundle import check_bundle, open_bundle, text_fidelity
+from edgepipe.config import resolve_data_file, resolve_run_config
+from edgepipe.errors import BundleError, ModelError, UsageError
 
 FAST = ("validate.samples=48", "validate.max_len=64")
 
@@ -40,14 +40,17 @@ def test_second_build_hits_the_cache_for_every_stage(tmp_path, tiny_checkpoint):
     assert not any(r["cache_hit"] for r in forced.manifest["stages"])
 
 
-def test_build_distills_a_student_and_records_each_stage_fidelity(tmp_path, tiny_checkpoint):
+def _tiny_student(tmp_path, tiny_checkpoint, precision="fp32"):
     recipe = tmp_path / "tiny-student.toml"
     recipe.write_text(
         f'teacher = "{tiny_checkpoint}"\n[student]\nlayers = [0, 2]\n'
         "[distill]\nsteps = 4\nbatch_size = 8\nwarmup_steps = 1\nmax_len = 32\n"
     )
-    cfg = resolve_run_config(str(recipe), "host-cpu", "fp32", tmp_path / "out", FAST)
-    bundle = pipeline.build(cfg)
+    return pipeline.build(resolve_run_config(str(recipe), "host-cpu", precision, tmp_path / "out", FAST))
+
+
+def test_build_distills_a_student_and_records_each_stage_fidelity(tmp_path, tiny_checkpoint):
+    bundle = _tiny_student(tmp_path, tiny_checkpoint)
     stages = [r["stage"] for r in bundle.manifest["stages"]]
     assert stages == ["reference", "distill", "lower", "validate", "latency"]
     fid = bundle.manifest["fidelity"]
@@ -91,3 +94,36 @@ def test_check_bundle_detects_a_corrupted_file(tmp_path, tiny_checkpoint):
     np.savez(bundle.path / "check.npz", **{k: data[k] + 1 for k in data.files})
     with pytest.raises(BundleError, match="check.npz: (sha256 mismatch|size)"):
         check_bundle(bundle.path)
+
+
+def test_text_fidelity_measures_a_bundle_against_its_teacher_on_any_text(tmp_path, tiny_checkpoint):
+    bundle = _tiny_student(tmp_path, tiny_checkpoint, precision="int8-dynamic")
+    # on the build's own held-back lines it reproduces the build's figures, the bundle run in onnxruntime here
+    held = text_fidelity(bundle.path, resolve_data_file("validation.txt"), samples=48)
+    recorded = bundle.manifest["fidelity"]["lowered"]
+    assert held.result["n"] == 48 and held.teacher == tiny_checkpoint
+    assert abs(held.result["mean_cosine"] - recorded["mean_cosine"]) < 1e-5
+    assert abs(held.result["min_cosine"] - recorded["min_cosine"]) < 1e-5
+    # other text gives its own figures; the lowest lines are that text's, lowest first
+    lines = resolve_data_file("calibration.txt").read_text().splitlines()[:20]
+    text = tmp_path / "mine.txt"
+    text.write_text("\n\n".join(lines))  # blank lines are skipped
+    mine = text_fidelity(bundle.path, text, worst=3)
+    assert mine.result["n"] == 20 and mine.result["mean_cosine"] != held.result["mean_cosine"]
+    assert [line for _, line in mine.worst] and all(line in lines for _, line in mine.worst)
+    cos = [c for c, _ in mine.worst]
+    assert cos == sorted(cos) and cos[0] == pytest.approx(mine.result["min_cosine"], abs=1e-5)
+
+
+def test_text_fidelity_rejects_bad_text_and_a_different_teacher(tmp_path, tiny_checkpoint, teacher_dir):
+    bundle = _build(tiny_checkpoint, tmp_path / "out")
+    binary = tmp_path / "latin1.txt"
+    binary.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(UsageError, match="Cannot read --text .*UnicodeDecodeError"):
+        text_fidelity(bundle.path, binary)
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n")
+    with pytest.raises(UsageError, match="no non-empty lines"):
+        text_fidelity(bundle.path, blank)
+    with pytest.raises(ModelError, match="is not the checkpoint bundle .* was built from"):
+        text_fidelity(bundle.path, resolve_data_file("validation.txt"), samples=4, teacher=teacher_dir)

@@ -25,9 +25,14 @@ def embed_session(session: Session, batches: Iterable[dict[str, np.ndarray]]) ->
     return np.concatenate([session.run(b)["sentence_embedding"] for b in batches]).astype(np.float32)
 
 
+def cosines(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity (n,) between two (n, dim) embedding sets."""
+    return (out * ref).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1) + 1e-12)
+
+
 def compare(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     """Row-wise cosine (mean, min) and max-abs difference between two (n, dim) embedding sets."""
-    cos = (out * ref).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1) + 1e-12)
+    cos = cosines(out, ref)
     return {
         "mean_cosine": round(float(cos.mean()), 6),
         "min_cosine": round(float(cos.min()), 6),
