@@ -179,11 +179,13 @@ def _key_metrics(rec: dict) -> str:
         return f"vs teacher {_fmt_cos(met.get('vs_teacher'))}, vs pytorch {_fmt_cos(met.get('vs_pytorch'))}"
     if rec["stage"] == "lower":
         report = met.get("report", {})
-        fused, coverage = report.get("fused_ops"), report.get("int8_coverage", {}).get("total")
+        coverage = (report.get("int8_coverage") or report.get("decode", {}).get("int8_coverage") or {}).get("total")
+        fused, moved = report.get("fused_ops"), report.get("int8_plan", {}).get("fp16_layers")
         return (
             f"{met.get('bytes', 0) / 1e6:.1f} MB"
             + (f", fused {fused}" if fused else "")
             + (f", int8 on {coverage:.0%} of GEMM FLOPs" if coverage is not None else "")
+            + (f" ({', '.join(moved)} moved to fp16)" if moved else "")
         )
     if rec["stage"] == "distill" and "perplexity" in (met.get("held_out") or {}):
         return f"{_fmt_lm(met['held_out'])}, {met.get('steps', '?')} steps"

@@ -39,6 +39,7 @@ EVAL_TOKENS = 256  # per window, capped by the model's context
 CHECK_PROMPT_TOKENS = 24
 CHECK_NEW_TOKENS = 16
 PREFILL_SKIP = 32  # context tokens before the first scored prediction (one prefill chunk)
+SENSITIVITY_WINDOWS = 2  # held-back windows that rank each GEMM for a static INT8 plan (the fit uses all)
 LATENCY_PROMPT = 128
 LATENCY_STEPS = 32
 # check.npz tolerances per precision: logits of the first generated token, and greedy tokens vs PyTorch.
@@ -342,7 +343,8 @@ class DecoderBuild:
         precision = self.cfg.precision
         budget = self.recipe.quantize.fidelity_budget
         while True:
-            lowered = self.lower_stage(model_hash, load_model, precision, tok)
+            held = (wins, skip, held_out, model_top1)
+            lowered = self.lower_stage(model_hash, load_model, precision, tok, held)
             validated = self.validate_stage(lowered, wins, skip, held_out, teacher_top1, model_top1, precision)
             drop = 1.0 - validated.meta["lowered"].get("top1_vs_pytorch", 1.0)
             if precision == "fp32" or drop <= budget:
@@ -362,7 +364,9 @@ class DecoderBuild:
             return model, {}
         return tiered_decoder(model, tok, (self.recipe.decoder or {}).get("kv_cache", {}), self.recipe.name)
 
-    def lower_stage(self, model_hash: str, load_model, precision: str, tok) -> StageResult:
+    def lower_stage(self, model_hash: str, load_model, precision: str, tok, held: tuple) -> StageResult:
+        """Lower both graphs; static INT8 plans are fitted to the fidelity budget on the held-back windows
+        (``held``: windows, prefilled tokens, their record, the PyTorch model's top-1), as the encoders' are."""
         from edgepipe.models.decoder import generate
         from edgepipe.stages.pretrain import encode_text
 
@@ -377,6 +381,7 @@ class DecoderBuild:
             "precision": precision,
             "kv_cache": kv,
             "calibration": {"data": quant.calibration, "method": quant.method} if static else None,
+            "fit": {"held_out": held[2], "budget": quant.fidelity_budget} if static else None,
             "check": self.recipe.validate.data,
             "graphs": GRAPHS_FORMAT,
         }
@@ -384,13 +389,15 @@ class DecoderBuild:
         def run(out: Path) -> dict:
             model = load_model()
             module, extra = self.lowered_module(model, precision, tok)
-            calibration = None
+            calibration, fit = None, None
             if static:  # real text through both graphs: the activation scales of the Q/DQ pairs
                 chunk = prefill_tokens(module)
                 length = min(3 * chunk + CALIBRATION_DECODE_STEPS, model_context(model))
                 windows = eval_windows(tok, quant.calibration, length, CALIBRATION_WINDOWS)
                 calibration = calibration_feeds(module, list(windows), chunk, CALIBRATION_DECODE_STEPS)
-            lowered = lower_decoder(module, target, precision, out, calibration, quant.method)
+                fit = self.agreement_drop(module, chunk, held)
+            budget = quant.fidelity_budget
+            lowered = lower_decoder(module, target, precision, out, calibration, quant.method, fit=fit, budget=budget)
             prompt = encode_text(tok, read_sentences(self.recipe.validate.data, 4))[:CHECK_PROMPT_TOKENS][None]
             prompt = torch.from_numpy(prompt)
             with torch.no_grad():
@@ -409,6 +416,21 @@ class DecoderBuild:
             }
 
         return self.stage("lower", payload, run, f"lower prefill + decode to {target.runtime} ({precision})")
+
+    def agreement_drop(self, module, chunk: int, held: tuple):
+        """``fit`` for a static INT8 plan: candidate graphs -> the drop in top-1 agreement with the PyTorch model on
+        the held-back windows (``quick``: the first ``SENSITIVITY_WINDOWS``), run where validate runs them
+        (TensorRT graphs: onnxruntime, the proxy)."""
+        wins, skip, _, model_top1 = held
+        io = graph_io(module, chunk)
+
+        def drop(files: dict[str, Path], quick: bool = False) -> float:
+            n = SENSITIVITY_WINDOWS if quick else len(wins)
+            meta = {"files": {g: p.name for g, p in files.items()}, "io": io, "decoder": {"prefill_tokens": chunk}}
+            top1 = score_graphs(open_graphs(files["decode"].parent, self.target, meta), wins[:n], skip)["top1"]
+            return 1.0 - round(float((top1 == model_top1[:n]).mean()), 4)  # rounded as validate records it
+
+        return drop
 
     def graphs(self, lowered: StageResult, threads: int | None = None):
         return open_graphs(lowered.dir, self.target, lowered.meta, threads)

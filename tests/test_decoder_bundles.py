@@ -79,8 +79,8 @@ def lm(tmp_path_factory):
 
     (root / "tiny-windowed.toml").write_text(TINY_WINDOWED)
 
-    def build(target: str = "host-cpu", precision: str | None = "fp32", out=root / "out", model: str = "tiny-lm"):
-        cfg = resolve_run_config(str(root / f"{model}.toml"), target, precision, out)
+    def build(target="host-cpu", precision: str | None = "fp32", out=root / "out", model="tiny-lm", overrides=()):
+        cfg = resolve_run_config(str(root / f"{model}.toml"), target, precision, out, tuple(overrides))
         return pipeline.build(cfg, cache_root=root / "cache")
 
     return build
@@ -296,6 +296,37 @@ def test_tensorrt_decoder_engines_generate_the_proxy_tokens(lm, tmp_path):
     assert (bundle.path / "decode.plan").is_file()
     report = check_bundle(bundle.path)  # TensorRT is here, so the engines run, not the proxy
     assert report.passed and report.result["token_agreement"] == 1.0
+
+
+def test_tensorrt_int8_fp16_decoder_plan_moves_the_most_sensitive_gemms_to_fp16_to_hold_the_budget(lm, tmp_path):
+    """With a budget the all-int8 graphs break, the plan ranks every weight GEMM by the agreement it costs alone and
+    moves the worst to FP16 until the budget holds, in both graphs, instead of falling back to FP16 altogether."""
+    import onnx
+
+    from edgepipe.stages.quantize import int8_coverage
+
+    full = lm(target="jetson", precision="int8-fp16", out=tmp_path / "full")
+    all_int8 = 1.0 - full.manifest["fidelity"]["lowered"]["top1_vs_pytorch"]
+    assert all_int8 > 0  # the tiny model loses some agreement in int8: there is something to fit
+    budget = round(all_int8 / 2, 4)
+    bundle = lm(
+        target="jetson", precision="int8-fp16", out=tmp_path / "fit", overrides=[f"quantize.fidelity_budget={budget}"]
+    )
+    m = bundle.manifest
+    assert m["precision"] == "int8-fp16", m["stages"][-1]
+    plan = m["lowering"]["int8_plan"]
+    assert plan["all_int8_drop"] == pytest.approx(all_int8, abs=1e-4) and plan["budget"] == budget
+    moved = plan["moved"]
+    assert moved and plan["fp16_layers"] and set(plan["fp16_layers"]) == set(moved)
+    assert [plan["sensitivity"][g] for g in moved] == sorted((plan["sensitivity"][g] for g in moved), reverse=True)
+    assert plan["steps"][-1]["drop"] <= budget and len(plan["steps"]) == len(moved) + 1
+    for graph in ("prefill", "decode"):
+        layers = int8_coverage(onnx.load(str(bundle.path / f"{graph}.onnx"), load_external_data=False))["layers"]
+        assert sorted(k for k, v in layers.items() if v == "float") == sorted([*moved, "lm_head"])
+        assert m["lowering"][graph]["kept_fp16"] == [k for k, v in layers.items() if v == "float"]
+    fid = m["fidelity"]["lowered"]
+    assert 1.0 - fid["top1_vs_pytorch"] <= budget + 1e-9  # validate agrees with the fit: no fallback
+    assert check_bundle(bundle.path).passed
 
 
 def runner_subprocess(script: Path):

@@ -21,12 +21,15 @@ Precision plans for decoders:
 - ``int8-fp16`` (TensorRT): explicit Q/DQ on the inputs of every weight GEMM but the LM head, activation scales
   calibrated on real text fed through both graphs (``calibration_feeds``), symmetric int8 with per-channel weights;
   TensorRT fuses each pair into an int8 GEMM and runs the rest (attention, norms, the LM head) in FP16. The LM head
-  stays out of int8 because its logits pick the next token.
+  stays out of int8 because its logits pick the next token. Given a ``fit`` measure and a budget, the weight GEMMs
+  that cost the most agreement move to FP16, most sensitive first, until the budget holds (the encoders'
+  per-layer plan, ``stages.quantize``).
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +110,8 @@ def lower_decoder(
     out_dir: Path,
     calibration: dict[str, list[dict[str, np.ndarray]]] | None = None,
     method: str = "minmax",
+    fit: Callable[[dict[str, Path], bool], float] | None = None,
+    budget: float = 0.0,
 ) -> Lowered:
     """Write ``prefill`` and ``decode`` graphs of ``model`` for ``target``'s runtime at ``precision``.
 
@@ -117,6 +122,10 @@ def lower_decoder(
         out_dir: Where to write ``prefill.<ext>`` and ``decode.<ext>``.
         calibration: Static INT8 plans (TensorRT ``int8-fp16``): real feeds per graph, from ``calibration_feeds``.
         method: Calibration method for the activation scales (``stages.calibrate``).
+        fit: Static INT8 plans: ``fit(graphs, quick)``, the fidelity drop of candidate graphs (``{"prefill": path,
+            "decode": path}``) on held-back text (``quick``: a cheaper estimate, to rank the GEMMs); with it, the
+            most sensitive weight GEMMs move from int8 to FP16 until the drop is within ``budget``.
+        budget: The largest drop ``fit`` may report for the plan that ships.
 
     Raises:
         UsageError: A runtime or precision decoder bundles do not support.
@@ -146,9 +155,12 @@ def lower_decoder(
             report[graph] = _lower_executorch(model, inputs, target, path)
         else:  # TensorRT takes the fp32 ONNX; fp16 is its builder flag
             report[graph] = _lower_onnx(model, inputs, "fp32" if runtime == "tensorrt" else precision, path)
-            if precision in STATIC_PRECISIONS:
-                report[graph].update(_qdq_graph(path, calibration[graph], method))
         files[graph] = path
+    if precision in STATIC_PRECISIONS:
+        planned = _qdq_graphs(files, calibration, method, fit, budget)
+        for graph in GRAPHS:
+            report[graph].update(planned[graph])
+        report["int8_plan"] = planned["int8_plan"]
     if runtime in ("onnxruntime", "tensorrt"):
         files["weights"] = share_weights([files["prefill"], files["decode"]], out_dir / "weights.bin")
         report["shared_weights"] = {"file": "weights.bin", "bytes": files["weights"].stat().st_size}
@@ -262,8 +274,18 @@ def calibration_feeds(
     return feeds
 
 
-def _qdq_graph(path: Path, feeds: list[dict[str, np.ndarray]], method: str) -> dict:
-    """Rewrite the fp32 graph at ``path`` with TensorRT's explicit Q/DQ on every weight GEMM but the LM head."""
+def _qdq_graphs(
+    files: dict[str, Path],
+    calibration: dict[str, list[dict[str, np.ndarray]]],
+    method: str,
+    fit: Callable[[dict[str, Path], bool], float] | None,
+    budget: float,
+) -> dict:
+    """Rewrite the fp32 graphs in ``files`` with TensorRT's explicit Q/DQ on the weight GEMMs of the plan: every one
+    but the LM head, less those ``fit`` finds break ``budget`` (moved to FP16, most sensitive first).
+
+    Each graph is calibrated and quantized once; every candidate plan is composed from that (``quantize.compose``).
+    """
     import tempfile
 
     import onnx
@@ -275,25 +297,61 @@ def _qdq_graph(path: Path, feeds: list[dict[str, np.ndarray]], method: str) -> d
     from edgepipe.stages import calibrate as cal
     from edgepipe.stages import quantize as q
 
-    float_model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
-    gemms = q.weight_gemms(float_model)
-    nodes = [g.node for g in gemms if "lm_head" not in g.layer]
-    if not nodes:
-        raise BuildError(f"{path.name} has no weight GEMM to quantize.", hint="Use --precision fp16.")
-    quant = QuantInputs(calibration=feeds, held_out=[], reference=np.zeros(0), config=QuantizeConfig(method=method))
-    with tempfile.TemporaryDirectory(prefix=".quantize-", dir=path.parent) as tmp:
-        qdq = ort_rt._quantize_all(float_model, nodes, quant, trt_rt.trt_qdq_flavor(), Path(tmp))
-    del qdq.graph.value_info[:]
-    onnx.save(qdq, str(path))
-    coverage = q.int8_coverage(qdq)
-    return {
-        "int8_gemms": sum(v == "int8" for v in coverage["layers"].values()),
-        "weight_gemms": len(gemms),
-        "int8_coverage": coverage,
-        "calibration": {"method": cal.check_method(method), "calls": len(feeds)},
-        "kept_fp16": [g.layer for g in gemms if g.node not in nodes],
-        "ops": dict(Counter(n.op_type for n in qdq.graph.node)),
-    }
+    floats, qdqs, gemms = {}, {}, {}
+    for graph, path in files.items():
+        floats[graph] = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+        gemms[graph] = q.weight_gemms(floats[graph])
+        nodes = [g.node for g in gemms[graph] if "lm_head" not in g.layer]
+        if not nodes:
+            raise BuildError(f"{path.name} has no weight GEMM to quantize.", hint="Use --precision fp16.")
+        config = QuantizeConfig(method=method)
+        quant = QuantInputs(calibration=calibration[graph], held_out=[], reference=np.zeros(0), config=config)
+        with tempfile.TemporaryDirectory(prefix=".quantize-", dir=path.parent) as tmp:
+            qdqs[graph] = ort_rt._quantize_all(floats[graph], nodes, quant, trt_rt.trt_qdq_flavor(), Path(tmp))
+        del qdqs[graph].graph.value_info[:]
+    units = [g.layer for g in gemms["decode"] if "lm_head" not in g.layer]  # the same modules in both graphs
+    if sorted(units) != sorted(g.layer for g in gemms["prefill"] if "lm_head" not in g.layer):
+        raise BuildError("The prefill and decode graphs have different weight GEMMs.", hint="Use --precision fp16.")
+
+    def write(int8: frozenset[str], where: dict[str, Path]) -> dict[str, Path]:
+        for graph, path in where.items():
+            nodes = [g.node for g in gemms[graph] if g.layer in int8]
+            onnx.save(q.compose(floats[graph], qdqs[graph], nodes), str(path))
+        return where
+
+    int8, plan = frozenset(units), {"budget": budget}
+    if fit is not None:
+        with tempfile.TemporaryDirectory(prefix=".plan-", dir=files["decode"].parent) as tmp:
+            where = {graph: Path(tmp) / path.name for graph, path in files.items()}
+
+            def measure(candidate: frozenset[str], quick: bool = False) -> float:
+                return fit(write(candidate, where), quick)
+
+            drop = measure(int8)
+            plan["all_int8_drop"] = round(drop, 6)
+            if drop > budget:
+                sensitivity = q.rank_sensitivity(units, lambda one: measure(one, quick=True))
+                fitted = q.fit_budget(units, sensitivity, measure, budget)
+                if fitted.int8:  # none left in int8 is the fp16 plan: the caller's fallback names it so
+                    int8 = fitted.int8
+                plan.update(
+                    sensitivity={k: round(v, 6) for k, v in sensitivity.items()}, moved=fitted.moved, steps=fitted.steps
+                )
+    plan["fp16_layers"] = [u for u in units if u not in int8]
+    write(int8, files)
+    out = {"int8_plan": plan}
+    for graph, path in files.items():
+        lowered = onnx.load(str(path))
+        coverage = q.int8_coverage(lowered)
+        out[graph] = {
+            "int8_gemms": sum(v == "int8" for v in coverage["layers"].values()),
+            "weight_gemms": len(gemms[graph]),
+            "int8_coverage": coverage,
+            "calibration": {"method": cal.check_method(method), "calls": len(calibration[graph])},
+            "kept_fp16": [g.layer for g in gemms[graph] if coverage["layers"].get(g.layer) != "int8"],
+            "ops": dict(Counter(n.op_type for n in lowered.graph.node)),
+        }
+    return out
 
 
 def share_weights(graphs: list[Path], blob: Path, threshold: int = 1024, align: int = 4096) -> Path:
