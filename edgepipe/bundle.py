@@ -128,10 +128,11 @@ def text_fidelity(
             f"The teacher {teacher_dir} that bundle {path} was built from is not on this machine.",
             hint="Pass its checkpoint directory with --teacher.",
         )
-    if checkpoint_hash(teacher_dir) != source["hash"]:
+    found = checkpoint_hash(teacher_dir)
+    if found != source["hash"]:
         raise ModelError(
-            f"Teacher {teacher_dir} is not the checkpoint bundle {path} was built from (hash "
-            f"{checkpoint_hash(teacher_dir)}, the manifest says {source['hash']}).",
+            f"Teacher {teacher_dir} is not the checkpoint bundle {path} was built from (hash {found}, the manifest "
+            f"says {source['hash']}).",
             hint="Pass the bundle's own teacher with --teacher.",
         )
     runtime = get_runtime(manifest["runtime"])

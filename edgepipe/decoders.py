@@ -342,8 +342,8 @@ class DecoderBuild:
 
         precision = self.cfg.precision
         budget = self.recipe.quantize.fidelity_budget
+        held = (wins, skip, held_out, model_top1)
         while True:
-            held = (wins, skip, held_out, model_top1)
             lowered = self.lower_stage(model_hash, load_model, precision, tok, held)
             validated = self.validate_stage(lowered, wins, skip, held_out, teacher_top1, model_top1, precision)
             drop = 1.0 - validated.meta["lowered"].get("top1_vs_pytorch", 1.0)

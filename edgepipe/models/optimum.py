@@ -329,12 +329,13 @@ def torch_outputs(model, feeds: dict[str, np.ndarray], names: list[str]) -> dict
 
 def compare_outputs(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> dict[str, dict]:
     """Per output: max-abs error and per-sample cosine (each sample's output flattened)."""
+    from edgepipe.stages.validate import cosines
+
     stats = {}
     for name, ref in want.items():
         out = np.asarray(got[name], dtype=np.float64).reshape(len(ref), -1)
         ref = np.asarray(ref, dtype=np.float64).reshape(len(ref), -1)
-        cos = (out * ref).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1) + 1e-12)
-        stats[name] = {"max_abs": float(np.abs(out - ref).max()), "cosines": cos}
+        stats[name] = {"max_abs": float(np.abs(out - ref).max()), "cosines": cosines(out, ref)}
     return stats
 
 
