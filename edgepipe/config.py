@@ -178,7 +178,7 @@ class StudentConfig:
 
     layers: tuple[int, ...]  # teacher layer indices the student keeps, in order
     attention: str = "full"  # full | windowed:W | linear | mamba2
-    hidden: int | None = None  # None keeps the teacher's width
+    hidden: int | None = None  # residual-stream width; None keeps the teacher's, narrower keeps its strongest channels
     ffn: int | None = None
 
 

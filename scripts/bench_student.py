@@ -34,6 +34,8 @@ from edgepipe.runtimes import onnxruntime as ort_rt
 POINTS = {
     "l3": ("minilm-student", ["student.layers=[1, 3, 5]"]),
     "l3-ffn768": ("minilm-student", ["student.layers=[1, 3, 5]", "student.ffn=768"]),
+    "l3-h256": ("minilm-student", ["student.layers=[1, 3, 5]", "student.hidden=256"]),
+    "l3-h192": ("minilm-student", ["student.layers=[1, 3, 5]", "student.hidden=192"]),
     "l2": ("minilm-student", ["student.layers=[2, 5]"]),
     "l2-ffn768": ("minilm-student", ["student.layers=[2, 5]", "student.ffn=768"]),
     "l6-windowed32": ("minilm-windowed", []),

@@ -24,6 +24,7 @@ from edgepipe.stages.distill import (
     length_grouped_batches,
     load_student,
     make_student,
+    residual_basis,
     teacher_targets,
     token_lengths,
     training_precision,
@@ -103,6 +104,59 @@ def test_distill_runs_attention_transfer_first_and_says_so_in_its_estimate(tmp_p
         metrics["attention_transfer"]["relative_error_last"]
     )
     assert "attention transfer: 3 steps" in console.export_text()
+
+
+def test_narrow_student_keeps_the_teachers_strongest_channels_and_projects_back_to_its_size(
+    tiny_teacher, held_out, teacher_dir
+):
+    tok = load_tokenizer(teacher_dir / "tokenizer.json", 48)
+    basis = residual_basis(tiny_teacher, tok, read_sentences("train.txt", 64), 32)
+    kept = basis.argmax(0)
+    assert basis.shape == (64, 32) and (basis.sum(0) == 1).all() and (kept.diff() > 0).all()  # a channel subset
+    student, _ = make_student(tiny_teacher, StudentConfig(layers=(0, 1, 2, 3), hidden=32), basis)
+    assert student.cfg.hidden == 32 and student.cfg.attention_width == 64 and student.cfg.output == 64
+    assert student.layers[0].mixer.query.weight.shape == (64, 32)
+    assert student.layers[0].ffn_out.weight.shape == (32, 128)
+    torch.testing.assert_close(student.word_embeddings.weight, tiny_teacher.word_embeddings.weight[:, kept])
+    torch.testing.assert_close(student.layers[2].ffn_norm.bias, tiny_teacher.layers[2].ffn_norm.bias[kept])
+    teacher_emb = embed_torch(tiny_teacher, held_out)
+    strong = compare(embed_torch(student, held_out), teacher_emb)
+    assert teacher_emb.shape == embed_torch(student, held_out).shape  # the projection restores the teacher's size
+    # the stronger half of the channels starts the student closer to the teacher than the weaker half
+    weak = torch.eye(64)[:, torch.ones(64).index_fill(0, kept, 0).nonzero().flatten()]  # the other half
+    student_weak, _ = make_student(tiny_teacher, StudentConfig(layers=(0, 1, 2, 3), hidden=32), weak)
+    assert strong["mean_cosine"] > compare(embed_torch(student_weak, held_out), teacher_emb)["mean_cosine"] + 0.05
+
+
+def test_distill_trains_a_narrow_student_toward_the_teacher(tmp_path, tiny_teacher, held_out, teacher_dir):
+    teacher_emb = embed_torch(tiny_teacher, held_out)
+    cfg = DistillConfig(steps=30, batch_size=16, lr=1e-3, warmup_steps=3, max_len=48, token_weight=1.0)
+    kwargs = dict(held_out=held_out, held_out_teacher=teacher_emb, tokenizer_path=teacher_dir / "tokenizer.json")
+    narrow = StudentConfig(layers=(0, 3), hidden=40)
+    out = distill(tiny_teacher, narrow, cfg, tmp_path / "s", Progress(quiet=True), **kwargs)
+    assert out["held_out"]["mean_cosine"] > out["held_out_before"]["mean_cosine"] + 0.01
+    student = load_student(tmp_path / "s")
+    assert student.cfg.hidden == 40 and student.project is not None
+    assert compare(embed_torch(student, held_out), teacher_emb)["mean_cosine"] == pytest.approx(
+        out["held_out"]["mean_cosine"], abs=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    ("student", "transfer", "message"),
+    [
+        (StudentConfig(layers=(0, 1), hidden=96), 0, "width is 1 to 64, its teacher's at most"),
+        (StudentConfig(layers=(0, 1), hidden=32, attention="mamba2"), 0, "keeps that width"),
+        (StudentConfig(layers=(0, 1), hidden=32, attention="linear"), 5, "transfer_steps with student.hidden = 32"),
+    ],
+)
+def test_narrow_students_the_init_cannot_make_are_refused(
+    tmp_path, tiny_teacher, teacher_dir, student, transfer, message
+):
+    cfg = DistillConfig(steps=2, batch_size=4, max_len=32, transfer_steps=transfer)
+    tokenizer = teacher_dir / "tokenizer.json"
+    with pytest.raises(BuildError, match=message):
+        distill(tiny_teacher, student, cfg, tmp_path, Progress(quiet=True), tokenizer_path=tokenizer)
 
 
 def test_make_student_rejects_layers_the_teacher_lacks(tiny_teacher):

@@ -40,10 +40,10 @@ def test_second_build_hits_the_cache_for_every_stage(tmp_path, tiny_checkpoint):
     assert not any(r["cache_hit"] for r in forced.manifest["stages"])
 
 
-def _tiny_student(tmp_path, tiny_checkpoint, precision="fp32"):
+def _tiny_student(tmp_path, tiny_checkpoint, precision="fp32", student=""):
     recipe = tmp_path / "tiny-student.toml"
     recipe.write_text(
-        f'teacher = "{tiny_checkpoint}"\n[student]\nlayers = [0, 2]\n'
+        f'teacher = "{tiny_checkpoint}"\n[student]\nlayers = [0, 2]\n{student}'
         "[distill]\nsteps = 4\nbatch_size = 8\nwarmup_steps = 1\nmax_len = 32\n"
     )
     return pipeline.build(resolve_run_config(str(recipe), "host-cpu", precision, tmp_path / "out", FAST))
@@ -58,6 +58,18 @@ def test_build_distills_a_student_and_records_each_stage_fidelity(tmp_path, tiny
     assert 0 < fid["initialised"]["mean_cosine"] <= 1 and 0 < fid["student"]["mean_cosine"] <= 1
     # the lowered fp32 artifact reproduces the PyTorch student, so its fidelity vs the teacher is the student's
     assert abs(fid["lowered"]["mean_cosine"] - fid["student"]["mean_cosine"]) < 1e-4
+    assert check_bundle(bundle.path).passed
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8-dynamic"])
+def test_narrow_student_lowers_to_onnxruntime_with_its_projection(tmp_path, tiny_checkpoint, precision):
+    bundle = _tiny_student(tmp_path, tiny_checkpoint, precision, student="hidden = 42\n")
+    distill, lower = bundle.manifest["stages"][1:3]
+    assert distill["config"]["student"]["hidden"] == 42
+    assert lower["metrics"]["report"]["fused_ops"]["Attention"] == 2  # ORT fuses attention 64 wide on a 42-wide stream
+    fid = bundle.manifest["fidelity"]
+    budget = 1e-4 if precision == "fp32" else 0.05  # fp32 reproduces the PyTorch student; int8 stays near it
+    assert abs(fid["lowered"]["mean_cosine"] - fid["student"]["mean_cosine"]) < budget
     assert check_bundle(bundle.path).passed
 
 

@@ -131,6 +131,20 @@ def test_lower_encoder_fp16_and_w8a8_stay_close(tmp_path, tok, batch, precision,
     assert all(lp["runs_as"] == want and lp["delegated"] for lp in lowered.report["plan"])
 
 
+@pytest.mark.parametrize("precision, atol", [("fp32", 1e-4), ("fp16", 2e-3)])
+def test_narrow_student_with_its_projection_lowers_and_matches_eager(tmp_path, tok, batch, precision, atol):
+    """A student narrower than its teacher: 40-wide stream, 64-wide attention, pooled state projected to 64."""
+    from edgepipe.models.transformer import Encoder, EncoderConfig
+
+    torch.manual_seed(0)
+    model = Encoder(EncoderConfig(hidden=40, inner=64, output=64, layers=1, heads=4, ffn=128)).eval()
+    lowered = et.lower_encoder(model, batch, load_target("android-arm64"), precision, tmp_path)
+    out = et.load(lowered.files["model"]).run(batch)["sentence_embedding"]
+    assert out.shape == (len(batch["input_ids"]), 64)
+    np.testing.assert_allclose(out, embed_torch(model, [batch]), atol=atol)
+    assert all(lp["delegated"] for lp in lowered.report["plan"])
+
+
 def test_lower_encoder_rejects_a_precision_the_backend_cannot_lower(tmp_path, batch):
     with pytest.raises(BuildError, match="ethos-u55-128 .*cannot lower precision 'fp32'"):
         et.lower_encoder(tiny_encoder(layers=1), batch, load_target("ethos-u55-128"), "fp32", tmp_path)

@@ -183,6 +183,10 @@ def save_encoder(model: Encoder, path: Path | str, tokenizer: Path | None = None
     cfg = model.cfg
     if cfg.attention != "full":
         raise ModelError(f"Only full-attention encoders are BERT checkpoints; this one uses '{cfg.attention}'.")
+    if cfg.inner or cfg.output:
+        raise ModelError(
+            f"Only BERT-shaped encoders are BERT checkpoints; this one has a {cfg.hidden}-wide stream and a projection."
+        )
     inverse_layer = {v: k for k, v in _LAYER_KEYS.items()}
     inverse_emb = {v: k for k, v in _EMBEDDING_KEYS.items()}
     tensors = {}

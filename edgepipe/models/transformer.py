@@ -22,7 +22,9 @@ class EncoderConfig:
     """Shape of a BERT-style encoder.
 
     ``attention`` is an attention spec (``full``, ``windowed:W``, ``linear``) or ``mamba2`` for a bidirectional
-    Mamba-2 token mixer in place of self-attention.
+    Mamba-2 token mixer in place of self-attention. A student narrower than its teacher keeps the teacher's
+    attention width (``inner``: heads x head dim, default ``hidden``) and maps its pooled state back to the
+    teacher's embedding size (``output``, default none) with a bias-free projection.
     """
 
     vocab_size: int = 30522
@@ -35,10 +37,16 @@ class EncoderConfig:
     eps: float = 1e-12
     attention: str = "full"
     pad_token_id: int = 0
+    inner: int | None = None
+    output: int | None = None
+
+    @property
+    def attention_width(self) -> int:
+        return self.inner or self.hidden
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.attention_width // self.heads
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,10 +58,11 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         self.heads, self.head_dim = cfg.heads, cfg.head_dim
-        self.query = nn.Linear(cfg.hidden, cfg.hidden)
-        self.key = nn.Linear(cfg.hidden, cfg.hidden)
-        self.value = nn.Linear(cfg.hidden, cfg.hidden)
-        self.out = nn.Linear(cfg.hidden, cfg.hidden)
+        width = cfg.attention_width
+        self.query = nn.Linear(cfg.hidden, width)
+        self.key = nn.Linear(cfg.hidden, width)
+        self.value = nn.Linear(cfg.hidden, width)
+        self.out = nn.Linear(width, cfg.hidden)
         self.spec = AttentionSpec.parse(cfg.attention)
         self.attend = get_attention(self.spec)
 
@@ -63,10 +72,10 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         """x: (batch, seq, hidden), mask: (batch, seq) float 1/0 -> (batch, seq, hidden)."""
-        b, n, h = x.shape
+        b, n, _ = x.shape
         q, k, v = self._split(self.query(x)), self._split(self.key(x)), self._split(self.value(x))
         ctx = self.attend(q, k, v, mask, False)
-        return self.out(ctx.transpose(1, 2).reshape(b, n, h))
+        return self.out(ctx.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
 
 
 class EncoderLayer(nn.Module):
@@ -99,7 +108,8 @@ class EncoderLayer(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Sentence encoder: embeddings, ``cfg.layers`` encoder layers, masked mean pooling and L2 normalisation."""
+    """Sentence encoder: embeddings, ``cfg.layers`` encoder layers, masked mean pooling (then ``cfg.output``'s
+    projection, if any) and L2 normalisation."""
 
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
@@ -109,6 +119,7 @@ class Encoder(nn.Module):
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden)
         self.embedding_norm = nn.LayerNorm(cfg.hidden, eps=cfg.eps)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.layers))
+        self.project = nn.Linear(cfg.hidden, cfg.output, bias=False) if cfg.output else None
 
     def embed(self, input_ids: Tensor) -> Tensor:
         """input_ids: (batch, seq) -> (batch, seq, hidden), token type 0 everywhere (single-segment input)."""
@@ -126,25 +137,29 @@ class Encoder(nn.Module):
         return states
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """input_ids, attention_mask: (batch, seq) int64 -> sentence_embedding: (batch, hidden), unit length."""
+        """input_ids, attention_mask: (batch, seq) int64 -> sentence_embedding: (batch, output or hidden), unit
+        length."""
         mask = attention_mask.to(torch.float32)
         x = self.embed(input_ids)
         for layer in self.layers:
             x = layer(x, mask)
-        return mean_pool_normalize(x, mask)
+        return mean_pool_normalize(x, mask, self.project)
 
 
-def mean_pool_normalize(x: Tensor, mask: Tensor) -> Tensor:
-    """Masked mean over the sequence, then L2 normalisation.
+def mean_pool_normalize(x: Tensor, mask: Tensor, project: nn.Module | None = None) -> Tensor:
+    """Masked mean over the sequence, then ``project`` (a linear map, so it may follow the mean), then L2
+    normalisation.
 
     Args:
         x: (batch, seq, hidden)
         mask: (batch, seq) float 1/0
 
     Returns:
-        (batch, hidden) with unit L2 norm.
+        (batch, hidden), or (batch, project's output) with a projection, with unit L2 norm.
     """
     summed = torch.matmul(mask.unsqueeze(1), x).squeeze(1)
     counts = mask.sum(dim=1, keepdim=True).clamp(min=1e-9)
     pooled = summed / counts
+    if project is not None:
+        pooled = project(pooled)
     return pooled / pooled.norm(dim=-1, keepdim=True).clamp(min=1e-12)

@@ -262,6 +262,8 @@ class HalfEncoder(nn.Module):
     def __init__(self, encoder: nn.Module) -> None:
         super().__init__()
         self.enc = copy.deepcopy(encoder).half()
+        # A narrow student's projection to the teacher's size runs in fp32 on the fp32 pooled state.
+        self.project = copy.deepcopy(encoder.project).float() if encoder.project is not None else None
         for module in list(self.enc.modules()):
             for name, child in list(module.named_children()):
                 if isinstance(child, nn.LayerNorm):
@@ -274,7 +276,7 @@ class HalfEncoder(nn.Module):
         x = self.enc.embed(input_ids)
         for layer in self.enc.layers:
             x = layer(x, mask)
-        return mean_pool_normalize(x.float(), attention_mask.to(torch.float32))
+        return mean_pool_normalize(x.float(), attention_mask.to(torch.float32), self.project)
 
 
 class Fp32LayerNorm(nn.Module):

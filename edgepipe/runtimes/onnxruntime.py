@@ -161,7 +161,8 @@ def lower_encoder(
     report: dict = {"exporter": f"torch.onnx (TorchScript) opset {OPSET}"}
     static = precision in STATIC_PRECISIONS
     if target.runtime_options.get("fuse", True):
-        report["fused_ops"] = fuse_for_ort(fp32_path, model.cfg.heads, model.cfg.hidden, attention=not static)
+        width = model.cfg.attention_width  # ORT's hidden_size is the attention's heads x head dim
+        report["fused_ops"] = fuse_for_ort(fp32_path, model.cfg.heads, width, attention=not static)
         if static:
             report["fusion_note"] = "Attention not fused: static int8 needs the Q/K/V projections as plain MatMuls"
     path = out_dir / "model.onnx"
