@@ -128,6 +128,19 @@ def test_narrow_student_keeps_the_teachers_strongest_channels_and_projects_back_
     assert strong["mean_cosine"] > compare(embed_torch(student_weak, held_out), teacher_emb)["mean_cosine"] + 0.05
 
 
+def test_a_narrow_teachers_student_projects_through_the_teachers_projection(tiny_teacher, held_out, teacher_dir):
+    tok = load_tokenizer(teacher_dir / "tokenizer.json", 48)
+    text = read_sentences("train.txt", 64)
+    narrow, _ = make_student(
+        tiny_teacher, StudentConfig(layers=(0, 1, 2, 3), hidden=32), residual_basis(tiny_teacher, tok, text, 32)
+    )
+    basis = residual_basis(narrow, tok, text, 24)
+    student, _ = make_student(narrow.eval(), StudentConfig(layers=(0, 1, 2, 3), hidden=24), basis)
+    assert student.cfg.inner == 64 and student.cfg.output == 64  # the original teacher's widths, not the stream's
+    torch.testing.assert_close(student.project.weight, narrow.project.weight[:, basis.argmax(0)])
+    assert embed_torch(student, held_out).shape == embed_torch(tiny_teacher, held_out).shape
+
+
 def test_distill_trains_a_narrow_student_toward_the_teacher(tmp_path, tiny_teacher, held_out, teacher_dir):
     teacher_emb = embed_torch(tiny_teacher, held_out)
     cfg = DistillConfig(steps=30, batch_size=16, lr=1e-3, warmup_steps=3, max_len=48, token_weight=1.0)

@@ -115,7 +115,8 @@ def make_student(teacher: Encoder, cfg: StudentConfig, basis: Tensor | None = No
             sd.update({k: v for k, v in student.state_dict().items() if k.startswith(dst + "mixer.")})
     if narrow:
         sd = {key: _narrow(key, value, basis) for key, value in sd.items() if key != "project.weight"}
-        sd["project.weight"] = basis.clone()
+        teacher_project = tsd.get("project.weight")  # a teacher that is itself narrow projects on to its output
+        sd["project.weight"] = basis.clone() if teacher_project is None else teacher_project @ basis
     student.load_state_dict(sd)
     return student.train(), list(cfg.layers)
 
