@@ -101,43 +101,26 @@ def fuse_for_ort(path: Path, num_heads: int, hidden: int, attention: bool = True
     ``attention=False`` keeps the Q/K/V projections as plain MatMuls (ORT's fused ``Attention`` op packs them into
     one float weight that its static QDQ quantizer cannot reach), for static int8 plans. ``hidden`` is the
     attention's width (heads x head dim); a narrow student's stream is narrower, which ORT fuses correctly while
-    warning that the two differ, so that warning is dropped.
+    logging that the two differ, so its logging is quieted as the quantizer's is.
     """
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     options = FusionOptions("bert")
     options.enable_attention = attention
-    fusion_log = logging.getLogger("fusion_attention")
-    narrow_stream = _DropMessage("is not same as weight matrix dimension of q,k,v")
-    fusion_log.addFilter(narrow_stream)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            opt = optimize_model(
-                str(path),
-                model_type="bert",
-                num_heads=num_heads,
-                hidden_size=hidden,
-                opt_level=0,
-                optimization_options=options,
-            )
-    finally:
-        fusion_log.removeFilter(narrow_stream)
+    with _quiet_ort_logging(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = optimize_model(
+            str(path),
+            model_type="bert",
+            num_heads=num_heads,
+            hidden_size=hidden,
+            opt_level=0,
+            optimization_options=options,
+        )
     opt.save_model_to_file(str(path))
     counts = Counter(node.op_type for node in opt.model.graph.node)
     return {op: counts[op] for op in FUSED_OPS if counts[op]}
-
-
-class _DropMessage(logging.Filter):
-    """Drops log records whose message contains ``text``."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
 
 
 def lower_encoder(
