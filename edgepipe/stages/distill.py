@@ -158,7 +158,7 @@ def _narrow(key: str, value: Tensor, basis: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def residual_basis(teacher: Encoder, tok, sentences: list[str], width: int, precision: str = "fp32") -> Tensor:
+def residual_basis(teacher: Encoder, tok, sentences: list[str], width: int) -> Tensor:
     """The ``width`` residual-stream channels of the teacher with the most energy, as a selection basis.
 
     Energy is each channel's mean square over every token of ``sentences``, read after the embeddings and after
@@ -173,10 +173,8 @@ def residual_basis(teacher: Encoder, tok, sentences: list[str], width: int, prec
     energy = torch.zeros(teacher.cfg.hidden, dtype=torch.float64)
     for i in range(0, len(sentences), TEACHER_BATCH):
         ids, mask = _tensors(tok, sentences[i : i + TEACHER_BATCH])
-        with _autocast(precision):
-            states = teacher.hidden_states(ids, mask)
-        for x in states:
-            energy += x.float()[mask.bool()].double().square().mean(0)
+        for x in teacher.hidden_states(ids, mask):
+            energy += x[mask.bool()].double().square().mean(0)
     keep = energy.argsort(descending=True)[:width].sort().values
     return torch.eye(teacher.cfg.hidden)[:, keep].contiguous()
 
