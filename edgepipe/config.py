@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from edgepipe.errors import ConfigError, UsageError
+from edgepipe.precisions import DECODER_PLANS
+from edgepipe.precisions import NAMES as PRECISIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS_DIR = ROOT / "targets"
@@ -23,14 +25,6 @@ MODELS_DIR = ROOT / "models"
 DATA_DIR = ROOT / "calibration_data"
 
 RUNTIMES = ("onnxruntime", "executorch", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8-dynamic", "w8a8", "int8-fp16", "a8w16")
-# Decoder bundles (prefill + decode graphs) per runtime; a8w16 = the tiered INT8 KV cache (edgepipe.decoders).
-# TensorRT: fp32 graphs (fp16 is the builder flag) or explicit Q/DQ graphs (int8-fp16).
-DECODER_PRECISIONS = {
-    "onnxruntime": ("fp32", "fp16", "int8-dynamic", "a8w16"),
-    "executorch": ("fp32", "a8w16"),
-    "tensorrt": ("fp32", "fp16", "int8-fp16"),
-}
 KINDS = ("encoder", "decoder")
 DECODER_MODEL_TYPES = ("llama", "mamba2")  # HF model_types edgepipe's own decoders load (models.hf_decoders)
 DEFAULT_TARGET = "host-cpu"
@@ -434,7 +428,7 @@ class RunConfig:
         if self.precision not in PRECISIONS:
             raise UsageError(f"Unknown precision '{self.precision}'. Accepted: {', '.join(PRECISIONS)}.")
         if self.recipe.kind == "decoder":
-            allowed = DECODER_PRECISIONS.get(self.target.runtime, ())
+            allowed = DECODER_PLANS.get(self.target.runtime, ())
             if self.precision not in allowed:
                 raise UsageError(
                     f"Decoder {self.recipe.name} on target {self.target.name} ({self.target.runtime}) lowers "

@@ -30,8 +30,9 @@ from edgepipe.data import read_sentences
 from edgepipe.errors import BuildError, ModelError, UsageError
 from edgepipe.manifest import read_manifest, sha256_file, write_manifest
 from edgepipe.pipeline import Bundle, checkpoint_hash, run_stage, staged_bundle
+from edgepipe.precisions import PLANS, STATIC, fallback, tolerance
 from edgepipe.progress import Progress
-from edgepipe.runtimes.lm_graphs import STATIC_PRECISIONS, calibration_feeds, graph_io, lower_decoder, prefill_tokens
+from edgepipe.runtimes.lm_graphs import calibration_feeds, graph_io, lower_decoder, prefill_tokens
 
 GRAPHS_FORMAT = 2  # bump when the lowered graphs change for the same inputs (2: a8w16 INT8 layer boundaries)
 EVAL_WINDOWS = 8
@@ -42,15 +43,8 @@ PREFILL_SKIP = 32  # context tokens before the first scored prediction (one pref
 SENSITIVITY_WINDOWS = 2  # held-back windows that rank each GEMM for a static INT8 plan (the fit uses all)
 LATENCY_PROMPT = 128
 LATENCY_STEPS = 32
-# check.npz tolerances per precision: logits of the first generated token, and greedy tokens vs PyTorch.
-TOLERANCES = {
-    "fp32": {"atol": 1e-3, "min_cosine": 0.9999, "min_token_agreement": 1.0},
-    "fp16": {"atol": 0.25, "min_cosine": 0.999, "min_token_agreement": 0.75},
-    "int8-dynamic": {"atol": 2.0, "min_cosine": 0.98, "min_token_agreement": 0.5},
-    "a8w16": {"atol": 0.1, "min_cosine": 0.999, "min_token_agreement": 0.9},
-    "int8-fp16": {"atol": 2.0, "min_cosine": 0.98, "min_token_agreement": 0.5},
-}
-FALLBACK = {"a8w16": "fp32", "int8-dynamic": "fp32", "fp16": "fp32", "int8-fp16": "fp16"}
+TOLERANCES = {n: tolerance(n, "decoder") for n in ("fp32", "fp16", "int8-dynamic", "a8w16", "int8-fp16")}
+FALLBACK = {n: fallback(n, "decoder") for n in ("a8w16", "int8-dynamic", "fp16", "int8-fp16")}
 CALIBRATION_WINDOWS = 16  # static INT8 (TensorRT int8-fp16): windows of calibration text fed through both graphs
 CALIBRATION_DECODE_STEPS = 8
 
@@ -150,13 +144,10 @@ def tiered_decoder(model, tok, kv: dict, name: str = "the model"):
     return tiered, {"kv_cache": {**kv, "bytes_at_cache_len": cache_bytes(tiered, model.cfg.cache_len)}}
 
 
-WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8-dynamic": 1.0, "a8w16": 4.0}  # a8w16: fp32 weights on CPU runtimes
-
-
 def weight_bytes(model, precision: str) -> float:
     """Bytes per parameter of ``model``'s weights at ``precision`` (parameters() counts a tied LM head once)."""
-    if precision != "int8-fp16":
-        return WEIGHT_BYTES[precision]
+    if PLANS[precision].weight_bytes is not None:
+        return PLANS[precision].weight_bytes
     # TensorRT int8-fp16: int8 weight GEMMs; the LM head (tied to the embedding), norms and the rest fp16
     params = sum(p.numel() for p in model.parameters())
     int8 = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.lm_head)
@@ -373,7 +364,7 @@ class DecoderBuild:
         target = self.target
         kv = (self.recipe.decoder or {}).get("kv_cache", {}) if precision == "a8w16" else {}
         quant = self.recipe.quantize
-        static = precision in STATIC_PRECISIONS
+        static = precision in STATIC
         payload = {
             "model": model_hash,
             "runtime": target.runtime,

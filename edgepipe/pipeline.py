@@ -25,6 +25,7 @@ from edgepipe.config import ModelRecipe, RunConfig, resolve_data_file
 from edgepipe.data import batches, encode, load_tokenizer, read_sentences
 from edgepipe.errors import BuildError, ModelError, UsageError
 from edgepipe.manifest import read_manifest, sha256_file, write_manifest
+from edgepipe.precisions import NAMES, fallback, tolerance
 from edgepipe.progress import Progress
 from edgepipe.runtimes import QuantInputs, get_runtime
 from edgepipe.stages.distill import distill, load_student, training_precision
@@ -32,17 +33,8 @@ from edgepipe.stages.validate import compare, embed_session, embed_torch
 
 CHECK_SENTENCES = 8
 VALIDATE_BATCH = 32
-# How close the artifact must stay to eager PyTorch on check.npz, per precision (device runs use the same).
-TOLERANCES = {
-    "fp32": {"atol": 1e-4, "min_cosine": 0.9999},
-    "fp16": {"atol": 2e-2, "min_cosine": 0.999},
-    "int8-dynamic": {"atol": 0.25, "min_cosine": 0.97},
-    "w8a8": {"atol": 0.25, "min_cosine": 0.97},
-    "int8-fp16": {"atol": 0.25, "min_cosine": 0.97},
-    "a8w16": {"atol": 0.25, "min_cosine": 0.97},
-}
-# The plan a build falls back to when a quantized plan breaks its fidelity budget.
-FALLBACK = {"int8-dynamic": "fp32", "w8a8": "int8-fp16", "int8-fp16": "fp16", "a8w16": "fp16", "fp16": "fp32"}
+TOLERANCES = {name: tolerance(name, "encoder") for name in NAMES}
+FALLBACK = {name: fallback(name, "encoder") for name in NAMES}
 
 
 @dataclass

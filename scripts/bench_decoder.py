@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgepipe.config import DECODER_PRECISIONS, load_target
+from edgepipe.config import load_target
 from edgepipe.decoders import (
     EVAL_TOKENS,
     PREFILL_SKIP,
@@ -37,6 +37,7 @@ from edgepipe.decoders import (
     tiered_decoder,
 )
 from edgepipe.models.hf_decoders import load_decoder
+from edgepipe.precisions import DECODER_PLANS
 from edgepipe.runtimes.lm_graphs import graph_io, lower_decoder
 
 TARGETS = {"onnxruntime": "host-cpu", "executorch": "android-arm64"}
@@ -92,7 +93,7 @@ def main() -> None:
                 kind = json.loads((ckpt / "config.json").read_text()).get("model_type")
                 for runtime in args.runtimes.split(","):
                     for precision in args.precisions.split(","):
-                        if precision not in DECODER_PRECISIONS[runtime]:
+                        if precision not in DECODER_PLANS[runtime]:
                             continue
                         if precision == "a8w16" and (kind != "llama" or name != "teacher"):
                             continue  # the tiered cache is for full attention

@@ -40,6 +40,7 @@ from edgepipe.data import read_sentences
 from edgepipe.errors import BuildError, MissingExtraError, ModelError, UsageError
 from edgepipe.manifest import read_manifest, sha256_file, write_manifest
 from edgepipe.models.hf import encoder_config_from_hf, read_config
+from edgepipe.precisions import STATIC
 from edgepipe.progress import Progress
 
 EDGEPIPE_MODEL_TYPES = ("bert",)  # what edgepipe.models.hf loads into edgepipe's own Encoder
@@ -582,7 +583,7 @@ class _ForeignBuild:
 
         target, q = self.target, self.recipe.quantize
         runtime = get_runtime(target.runtime)
-        static = precision in ("w8a8", "int8-fp16", "a8w16")
+        static = precision in STATIC
         ort_plans = ("fp32", "fp16", "int8-dynamic")
         if target.runtime == "onnxruntime" and precision not in ort_plans:
             raise self.unsupported(
@@ -625,7 +626,7 @@ class _ForeignBuild:
         target, q = self.target, self.recipe.quantize
         path = out / "model.onnx"
         report: dict = {"exporter": f"optimum-onnx {_version('optimum-onnx')} main_export, opset {OPSET}"}
-        if precision in trt.STATIC_PRECISIONS:
+        if precision in STATIC:
             quant_held = held[: max(1, QUANT_HELD_OUT // BATCH)]
             first = names[0]
             reference = np.concatenate(

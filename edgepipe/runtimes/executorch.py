@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from edgepipe.config import Target
 from edgepipe.errors import BuildError, MissingExtraError
+from edgepipe.precisions import STATIC
 from edgepipe.runtimes import Lowered, QuantInputs
 from edgepipe.stages.validate import compare, embed_torch
 
@@ -56,7 +57,6 @@ BACKEND_PRECISIONS = {
     "ethos-u": ("w8a8", "int8-fp16"),
     "coreml": ("fp32", "fp16"),
 }
-STATIC = ("w8a8", "int8-fp16")
 MAX_BATCH = 64  # upper bound of the exported batch Dim; the session splits larger batches
 SENSITIVITY_SAMPLES = 64  # held-back sentences for the one-layer-at-a-time sensitivity (one pass per Linear)
 SEARCH_SAMPLES = 128  # held-back sentences for the budget search steps and the runtime check of a plan

@@ -36,20 +36,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from edgepipe.config import DECODER_PRECISIONS as PRECISIONS
 from edgepipe.config import Target
 from edgepipe.errors import BuildError, UsageError
 from edgepipe.models.decoder import DecodeGraph
+from edgepipe.precisions import DECODER_PLANS, STATIC
 from edgepipe.runtimes import Lowered
 
 GRAPHS = ("prefill", "decode")
-STATIC_PRECISIONS = ("int8-fp16",)  # Q/DQ graphs with calibrated activation scales (TensorRT)
 PREFILL_TOKENS = 32
 EXTENSIONS = {"onnxruntime": ".onnx", "executorch": ".pte", "tensorrt": ".onnx"}
 
 
 def precisions(runtime: str) -> tuple[str, ...]:
-    return PRECISIONS.get(runtime, ())
+    return DECODER_PLANS.get(runtime, ())
 
 
 def prefill_tokens(model: nn.Module) -> int:
@@ -132,18 +131,18 @@ def lower_decoder(
         BuildError: Export or lowering failed (the first line of the exporter's error).
     """
     runtime = target.runtime
-    if runtime not in PRECISIONS:
+    if runtime not in DECODER_PLANS:
         raise UsageError(
             f"Target {target.name} runs {runtime}; decoder bundles lower to onnxruntime and executorch targets.",
             hint="Pick a target such as host-cpu, arm64-cpu, android-arm64 or raspberry-pi-5.",
         )
-    if precision not in PRECISIONS[runtime]:
+    if precision not in DECODER_PLANS[runtime]:
         raise UsageError(
             f"Decoder precision '{precision}' is not available on {runtime}; "
-            f"it lowers {', '.join(PRECISIONS[runtime])}.",
-            hint=f"Use --precision {PRECISIONS[runtime][0]}.",
+            f"it lowers {', '.join(DECODER_PLANS[runtime])}.",
+            hint=f"Use --precision {DECODER_PLANS[runtime][0]}.",
         )
-    if precision in STATIC_PRECISIONS and not calibration:
+    if precision in STATIC and not calibration:
         raise BuildError(f"Decoder precision {precision} needs calibration feeds for both graphs.")
     out_dir.mkdir(parents=True, exist_ok=True)
     tokens = prefill_tokens(model)
@@ -156,7 +155,7 @@ def lower_decoder(
         else:  # TensorRT takes the fp32 ONNX; fp16 is its builder flag
             report[graph] = _lower_onnx(model, inputs, "fp32" if runtime == "tensorrt" else precision, path)
         files[graph] = path
-    if precision in STATIC_PRECISIONS:
+    if precision in STATIC:
         planned = _qdq_graphs(files, calibration, method, fit, budget)
         for graph in GRAPHS:
             report[graph].update(planned[graph])
@@ -224,8 +223,8 @@ def _tensorrt_plan(target: Target, precision: str, files: dict[str, Path], out_d
         "engines": [{"graph": g, "onnx": files[g].name, "engine": f"{g}.plan"} for g in GRAPHS],
         # Q/DQ graphs are explicitly quantized: INT8 lets TensorRT use their scales, FP16 runs everything else.
         "flags": {
-            "int8": precision in STATIC_PRECISIONS,
-            "fp16": precision in ("fp16", *STATIC_PRECISIONS),
+            "int8": precision in STATIC,
+            "fp16": precision in ("fp16", *STATIC),
             "tf32": precision != "fp32",
         },
         "workspace_mb": int(opts.get("workspace_mb", 1024)),

@@ -24,11 +24,11 @@ from torch import nn
 
 from edgepipe.config import Target
 from edgepipe.errors import BuildError
+from edgepipe.precisions import STATIC
 from edgepipe.runtimes import Lowered, QuantInputs, cpu_has_vnni
 
 OPSET = 17
 FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "BiasGelu", "FastGelu", "Gelu")
-STATIC_PRECISIONS = ("w8a8", "int8-fp16")
 # Per-layer sensitivity runs on the first few held-back batches (64 sentences): enough to rank layers, cheap
 # enough to run once per weight GEMM. The budget itself is always checked on the whole held-back set.
 SENSITIVITY_BATCHES = 2
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 def precisions() -> tuple[str, ...]:
-    return ("fp32", "fp16", "int8-dynamic", *STATIC_PRECISIONS)
+    return ("fp32", "fp16", "int8-dynamic", *STATIC)
 
 
 def can_run_here(target: Target | None) -> tuple[bool, str]:
@@ -149,7 +149,7 @@ def lower_encoder(
             f"Runtime onnxruntime cannot lower precision '{precision}'; it lowers {', '.join(precisions())}.",
             hint=f"Use --precision {precisions()[0]} or another target.",
         )
-    if precision in STATIC_PRECISIONS and quant is None:
+    if precision in STATIC and quant is None:
         raise quant_required_error(precision)
     out_dir.mkdir(parents=True, exist_ok=True)
     fp32_path = out_dir / "model.fp32.onnx"
@@ -161,7 +161,7 @@ def lower_encoder(
     }
     export_onnx(model, inputs, fp32_path, ["input_ids", "attention_mask"], ["sentence_embedding"], axes)
     report: dict = {"exporter": f"torch.onnx (TorchScript) opset {OPSET}"}
-    static = precision in STATIC_PRECISIONS
+    static = precision in STATIC
     if target.runtime_options.get("fuse", True):
         width = model.cfg.attention_width  # ORT's hidden_size is the attention's heads x head dim
         report["fused_ops"] = fuse_for_ort(fp32_path, model.cfg.heads, width, attention=not static)
@@ -208,7 +208,7 @@ def apply_precision(
                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
             )
         return {"precision": "int8-dynamic", "per_channel": True, "reduce_range": reduce_range}
-    if precision in STATIC_PRECISIONS:
+    if precision in STATIC:
         if quant is None:
             raise quant_required_error(precision)
         return quantize_static_plan(src, dst, precision, quant, flavor or ort_qdq_flavor(None))

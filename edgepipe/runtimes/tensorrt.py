@@ -27,10 +27,10 @@ from torch import nn
 
 from edgepipe.config import Target
 from edgepipe.errors import BuildError
+from edgepipe.precisions import STATIC, tolerance
 from edgepipe.runtimes import Lowered, QuantInputs
 from edgepipe.runtimes import onnxruntime as ort_rt
 
-STATIC_PRECISIONS = ("w8a8", "int8-fp16")
 OPSET_RANGE = (13, 17)  # per-channel Q/DQ needs opset 13; TensorRT 8.6 (JetPack 6.0) parses up to 17
 GEMM_CONSUMERS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 STANDARD_DOMAINS = ("", "ai.onnx")
@@ -42,18 +42,11 @@ UNSUPPORTED_OPS = frozenset(
     "SequenceInsert SequenceLength Shrink SoftmaxCrossEntropyLoss SplitToSequence StringNormalizer "
     "TfIdfVectorizer Unique".split()
 )
-# Default engine-check tolerances when a bundle has no manifest beside it (the build's own table wins).
-CHECK_DEFAULTS = {
-    "fp32": {"atol": 1e-3, "min_cosine": 0.9999},
-    "fp16": {"atol": 2e-2, "min_cosine": 0.999},
-    "w8a8": {"atol": 0.25, "min_cosine": 0.97},
-    "int8-fp16": {"atol": 0.25, "min_cosine": 0.97},
-}
 PROXY = "onnxruntime CPU proxy of the Q/DQ graph"
 
 
 def precisions() -> tuple[str, ...]:
-    return ("fp32", "fp16", *STATIC_PRECISIONS)
+    return ("fp32", "fp16", *STATIC)
 
 
 def tensorrt_here() -> str | None:
@@ -133,7 +126,7 @@ def lower_encoder(
             f"Runtime tensorrt cannot lower precision '{precision}'; it lowers {', '.join(precisions())}.",
             hint="Use --precision int8-fp16 (the default for TensorRT targets) or fp16.",
         )
-    if precision in STATIC_PRECISIONS and quant is None:
+    if precision in STATIC and quant is None:
         raise ort_rt.quant_required_error(precision)
     out_dir.mkdir(parents=True, exist_ok=True)
     fp32_path, path = out_dir / "model.fp32.onnx", out_dir / "model.onnx"
@@ -146,7 +139,7 @@ def lower_encoder(
     # No ORT fusion: TensorRT cannot run com.microsoft ops and does its own fusions.
     ort_rt.export_onnx(model, inputs, fp32_path, ["input_ids", "attention_mask"], ["sentence_embedding"], axes)
     report: dict = {"exporter": f"torch.onnx (TorchScript) opset {ort_rt.OPSET}, no ORT fusion"}
-    if precision in STATIC_PRECISIONS:
+    if precision in STATIC:
         report.update(ort_rt.quantize_static_plan(fp32_path, path, precision, quant, trt_qdq_flavor()))
         fp32_path.unlink()
     else:
@@ -196,7 +189,7 @@ def build_plan(target: Target, precision: str, max_positions: int, report: dict)
     seq = _triple(opts.get("seq", [1, 128, max_positions]), "seq", target)
     seq = [min(s, max_positions) for s in seq]
     shapes = {k: [int(b), int(s)] for k, b, s in zip(("min", "opt", "max"), batch, seq)}
-    static = precision in STATIC_PRECISIONS
+    static = precision in STATIC
     return {
         "schema": "edgepipe.trt_build_plan/1",
         "onnx": "model.onnx",
@@ -209,7 +202,11 @@ def build_plan(target: Target, precision: str, max_positions: int, report: dict)
         "builder_optimization_level": int(opts.get("builder_optimization_level", 3)),
         "profiles": [{"input_ids": shapes, "attention_mask": shapes}],
         "min_tensorrt": "8.6",
-        "check": {"file": "check.npz", "tolerance": CHECK_DEFAULTS[precision], "prefer": "manifest.json validation"},
+        "check": {
+            "file": "check.npz",
+            "tolerance": tolerance(precision, "encoder"),
+            "prefer": "manifest.json validation",
+        },
         "target": {"name": target.name, **{k: v for k, v in target.hardware.items() if k in ("accelerator", "arch")}},
         "int8_layers": [lp["layer"] for lp in report.get("plan", []) if lp["precision"] == "int8"],
     }

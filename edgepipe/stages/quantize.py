@@ -20,8 +20,6 @@ import onnx
 
 from edgepipe.stages.validate import compare
 
-PLANS = ("fp32", "fp16", "int8-dynamic", "w8a8", "int8-fp16")
-STATIC_PLANS = ("w8a8", "int8-fp16")
 GEMM_OPS = ("MatMul", "Gemm")
 # Ops whose presence means the GEMM itself runs on int8 operands (ORT's dynamic and QOperator forms).
 INT8_GEMM_OPS = (

@@ -1,0 +1,117 @@
+"""The precision plans: one table, read by the config checks, every runtime, the build driver and the device check.
+
+A plan names how a model's GEMMs and activations are stored and computed (docs/architecture.md, "Precisions").
+Two families use the table: sentence encoders (one graph, judged by the cosine of their embeddings) and decoders
+(prefill + decode graphs, judged by greedy tokens and first-token logits). Each family has its own check tolerance
+and its own fallback, because each measures fidelity its own way:
+
+- fp32 atol: an encoder's embeddings are unit length and ONNX Runtime/XNNPACK reproduce PyTorch to 1e-5, so 1e-4;
+  a decoder's logits run to ~20 over an 8k vocabulary, where summation order alone moves them by ~1e-4, so 1e-3.
+- a8w16 fallback: an encoder's a8w16 keeps fp16 weights, so fp16 is the next plan down; a decoder's a8w16 keeps fp32
+  weights on CPU runtimes (their fp16 GEMMs are emulated on x86) and executorch has no fp16 decoder plan, so fp32.
+
+Nothing here imports torch or a runtime: ``import edgepipe.precisions`` is cheap and safe on a device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FAMILIES = ("encoder", "decoder")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How close an artifact must stay to eager PyTorch on check.npz, here and on the device."""
+
+    atol: float
+    min_cosine: float
+    min_token_agreement: float | None = None  # decoders: greedy tokens vs PyTorch
+
+    def to_dict(self) -> dict:
+        out = {"atol": self.atol, "min_cosine": self.min_cosine}
+        if self.min_token_agreement is not None:
+            out["min_token_agreement"] = self.min_token_agreement
+        return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    summary: str
+    static: bool  # Q/DQ pairs with activation scales calibrated on real text: needs QuantInputs
+    fallback: dict[str, str | None]  # per family: the plan tried when this one breaks the fidelity budget
+    check: dict[str, Tolerance]  # per family
+    weight_bytes: float | None = None  # decoders' decode-memory estimate: bytes per weight (None: per layer)
+
+
+_INT8 = Tolerance(0.25, 0.97)
+PLANS: dict[str, Plan] = {
+    p.name: p
+    for p in (
+        Plan(
+            "fp32",
+            "the reference: weights and compute in fp32",
+            static=False,
+            fallback={"encoder": None, "decoder": None},
+            check={"encoder": Tolerance(1e-4, 0.9999), "decoder": Tolerance(1e-3, 0.9999, 1.0)},
+            weight_bytes=4.0,
+        ),
+        Plan(
+            "fp16",
+            "weights and compute in fp16 where the runtime has fp16 kernels",
+            static=False,
+            fallback={"encoder": "fp32", "decoder": "fp32"},
+            check={"encoder": Tolerance(2e-2, 0.999), "decoder": Tolerance(0.25, 0.999, 0.75)},
+            weight_bytes=2.0,
+        ),
+        Plan(
+            "int8-dynamic",
+            "INT8 weights, activations quantized at run time (no calibration)",
+            static=False,
+            fallback={"encoder": "fp32", "decoder": "fp32"},
+            check={"encoder": _INT8, "decoder": Tolerance(2.0, 0.98, 0.5)},
+            weight_bytes=1.0,
+        ),
+        Plan(
+            "w8a8",
+            "every GEMM INT8: INT8 weights and activations, activation scales calibrated on real text",
+            static=True,
+            fallback={"encoder": "int8-fp16", "decoder": None},
+            check={"encoder": _INT8},  # no decoder plan: see DECODER_PLANS
+        ),
+        Plan(
+            "int8-fp16",
+            "INT8 GEMMs where they keep the fidelity budget, FP16 weights and compute for the rest",
+            static=True,
+            fallback={"encoder": "fp16", "decoder": "fp16"},
+            check={"encoder": _INT8, "decoder": Tolerance(2.0, 0.98, 0.5)},
+        ),
+        Plan(
+            "a8w16",
+            "INT8 activations at layer boundaries and an INT8 KV cache, weights and compute in FP16 (fp32 on CPUs)",
+            static=False,  # decoders calibrate their K scales themselves (models.kv_cache); no Q/DQ graph
+            fallback={"encoder": "fp16", "decoder": "fp32"},
+            check={"encoder": _INT8, "decoder": Tolerance(0.1, 0.999, 0.9)},
+            weight_bytes=4.0,
+        ),
+    )
+}
+NAMES = tuple(PLANS)
+STATIC = tuple(name for name, p in PLANS.items() if p.static)
+# Decoder bundles per runtime. TensorRT: fp32 graphs (fp16 is the builder flag) or explicit Q/DQ graphs.
+DECODER_PLANS = {
+    "onnxruntime": ("fp32", "fp16", "int8-dynamic", "a8w16"),
+    "executorch": ("fp32", "a8w16"),
+    "tensorrt": ("fp32", "fp16", "int8-fp16"),
+}
+
+
+def tolerance(name: str, family: str) -> dict:
+    """The check.npz tolerance of plan ``name`` for ``family`` (encoder | decoder), as the manifest records it."""
+    return PLANS[name].check[family].to_dict()
+
+
+def fallback(name: str, family: str) -> str | None:
+    """The plan a build tries when ``name`` breaks the fidelity budget (None: nothing below it)."""
+    return PLANS[name].fallback.get(family)
