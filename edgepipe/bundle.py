@@ -96,9 +96,9 @@ def text_fidelity(
         ModelError: The teacher checkpoint is missing here or is not the one the bundle was built from.
         BundleError: The bundle is corrupt or cannot run on this machine.
     """
+    from edgepipe.cache import checkpoint_hash
     from edgepipe.data import batches, load_tokenizer  # torch-side imports: the device runner imports this module
     from edgepipe.models.hf import load_encoder
-    from edgepipe.pipeline import checkpoint_hash
     from edgepipe.stages.validate import compare, cosines, embed_session, embed_torch
 
     path, text = Path(path), Path(text).expanduser()

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgepipe.manifest import package_versions
+from edgepipe.manifest import package_versions, sha256_file
 
 
 def default_cache_root() -> Path:
@@ -31,6 +31,25 @@ def digest(payload: object) -> str:
     """sha256 of a JSON-serialisable payload (keys sorted), 16 hex digits."""
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json")
+
+
+def checkpoint_hash(path: Path, files: tuple[str, ...] = CHECKPOINT_FILES, weights: bool = False) -> str:
+    """Content hash of the files that define a checkpoint directory.
+
+    Args:
+        path: The checkpoint directory.
+        files: The file names that count (those present).
+        weights: Also count every ``*.safetensors`` / ``*.bin`` file (sharded or differently named weights).
+    """
+    names = sorted(
+        p.name
+        for p in path.iterdir()
+        if p.is_file() and (p.name in files or weights and p.suffix in (".safetensors", ".bin"))
+    )
+    return digest({n: sha256_file(path / n) for n in names})
 
 
 @dataclass
@@ -51,6 +70,14 @@ class StageCache:
         self.force = force
         self.versions = package_versions()
 
+    def key(self, stage: str, payload: dict) -> str:
+        return digest({"stage": stage, "payload": payload, "versions": self.versions})
+
+    def lookup(self, stage: str, payload: dict) -> Path | None:
+        """The complete entry for (stage, payload), or None: nothing is computed."""
+        entry = self.root / stage / self.key(stage, payload)
+        return entry if (entry / "meta.json").is_file() else None
+
     def run(self, stage: str, payload: dict, fn: Callable[[Path], dict], resumable: bool = False) -> StageResult:
         """Return the cached result for (stage, payload, package versions) or compute it with ``fn(out_dir)``.
 
@@ -60,7 +87,7 @@ class StageCache:
             fn: Writes the stage's files into the directory it is given and returns metrics (JSON-serialisable).
             resumable: Keep the work directory of an interrupted run, so ``fn`` can resume from what it left there.
         """
-        key = digest({"stage": stage, "payload": payload, "versions": self.versions})
+        key = self.key(stage, payload)
         entry = self.root / stage / key
         start = time.perf_counter()
         if not self.force and (entry / "meta.json").is_file():

@@ -96,7 +96,7 @@ def build(
       edgepipe build --model ~/ckpt/my-bert --set validate.samples=256
       edgepipe build --model ~/ckpt/my-gpt2 --target jetson-orin-nano   # non-BERT: through Optimum
     """
-    from edgepipe import pipeline
+    from edgepipe.build import build
     from edgepipe.config import resolve_run_config
     from edgepipe.progress import Progress
 
@@ -104,7 +104,7 @@ def build(
     if dry_run:
         console.print_json(cfg.to_json())
         return
-    bundle = pipeline.build(cfg, force=force, progress=Progress(err_console))
+    bundle = build(cfg, force=force, progress=Progress(err_console))
     _print_build_summary(bundle)
 
 

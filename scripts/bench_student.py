@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgepipe import pipeline
-from edgepipe.config import load_target, resolve_run_config
+from edgepipe.build import build
+from edgepipe.config import load_target, resolve_run_config, resolve_teacher
 from edgepipe.data import encode, load_tokenizer, read_sentences
 from edgepipe.models.hf import load_encoder
 from edgepipe.runtimes import onnxruntime as ort_rt
@@ -85,13 +85,13 @@ def main() -> int:
         for precision in args.precisions.split(","):
             cfg = resolve_run_config(recipe, "host-cpu", precision, args.out / point, tuple(overrides))
             print(f"building {point} ({precision}) ...", file=sys.stderr, flush=True)
-            bundle = pipeline.build(cfg)
+            bundle = build(cfg)
             name = f"{point} {precision}"
             sessions[name] = ort_rt.load(bundle.path / "model.onnx", target, threads=args.threads)
             fid = bundle.manifest["fidelity"]["lowered"]
             meta[name] = {"point": point, "recipe": recipe, "precision": precision, "overrides": overrides, **fid}
 
-    teacher_dir = pipeline.resolve_teacher(cfg.recipe)
+    teacher_dir = resolve_teacher(cfg.recipe)
     work = Path(tempfile.mkdtemp(prefix="bench-student-"))
     example = real_inputs(teacher_dir / "tokenizer.json", 16)
     lowered = ort_rt.lower_encoder(load_encoder(teacher_dir), example, target, "int8-dynamic", work)

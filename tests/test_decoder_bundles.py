@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgepipe import pipeline
+from edgepipe.build import build
 from edgepipe.bundle import check_bundle, generate, open_bundle
 from edgepipe.config import resolve_run_config
 from edgepipe.errors import BundleError, UsageError
@@ -79,11 +79,11 @@ def lm(tmp_path_factory):
 
     (root / "tiny-windowed.toml").write_text(TINY_WINDOWED)
 
-    def build(target="host-cpu", precision: str | None = "fp32", out=root / "out", model="tiny-lm", overrides=()):
+    def build_lm(target="host-cpu", precision: str | None = "fp32", out=root / "out", model="tiny-lm", overrides=()):
         cfg = resolve_run_config(str(root / f"{model}.toml"), target, precision, out, tuple(overrides))
-        return pipeline.build(cfg, cache_root=root / "cache")
+        return build(cfg, cache_root=root / "cache")
 
-    return build
+    return build_lm
 
 
 def _eager(bundle) -> torch.nn.Module:
@@ -207,7 +207,7 @@ def test_unsupported_target_or_precision_is_refused_before_building(lm, tmp_path
 
 def test_generate_refuses_an_encoder_bundle(tmp_path, tiny_checkpoint):
     cfg = resolve_run_config(str(tiny_checkpoint), "host-cpu", "fp32", tmp_path, ("validate.samples=16",))
-    bundle = pipeline.build(cfg)
+    bundle = build(cfg)
     with pytest.raises(UsageError, match="needs a decoder bundle"):
         generate(bundle.path, PROMPT)
 
@@ -242,7 +242,7 @@ def test_hf_llama_checkpoint_directory_builds_a_decoder_bundle(lm, tmp_path):
     llama_dir = lm().manifest["source_model"]["path"]
     cfg = resolve_run_config(llama_dir, "host-cpu", None, tmp_path)
     assert cfg.recipe.kind == "decoder" and cfg.precision == "fp32"
-    bundle = pipeline.build(cfg, cache_root=tmp_path / "cache")
+    bundle = build(cfg, cache_root=tmp_path / "cache")
     assert "Llama / Mamba2 checkpoint" in bundle.manifest["route"]["why"]
     assert bundle.manifest["fidelity"]["lowered"]["top1_vs_pytorch"] == 1.0
 
@@ -253,7 +253,7 @@ def test_mamba2_checkpoint_bundle_generates_eager_tokens(mamba_checkpoint, tmp_p
     if target != "host-cpu":
         pytest.importorskip("executorch.exir")
     cfg = resolve_run_config(str(mamba_checkpoint), target, None, tmp_path)
-    bundle = pipeline.build(cfg, cache_root=tmp_path / "cache")
+    bundle = build(cfg, cache_root=tmp_path / "cache")
     m = bundle.manifest
     assert m["decoder"]["form"] == "mamba2" and m["decoder"]["prefill_tokens"] == 16
     assert [i["name"] for i in m["io"]["decode"]["inputs"]][2:] == ["conv_state", "ssm_state"]

@@ -6,18 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgepipe.config import load_recipe
+from edgepipe.config import DecoderDistillConfig, PretrainConfig, load_recipe
 from edgepipe.data import read_sentences
 from edgepipe.models.decoder import DecoderConfig, DecoderLM
 from edgepipe.models.hf_decoders import load_decoder
 from edgepipe.models.mamba import MambaLM
 from edgepipe.progress import Progress
-from edgepipe.stages.distill_lm import LMDistillConfig, distill_lm, evaluate, init_student
-from edgepipe.stages.pretrain import PretrainConfig, encode_text, pretrain
+from edgepipe.stages.distill_decoder import distill_decoder, evaluate, init_student
+from edgepipe.stages.pretrain import encode_text, pretrain
 
 TRAIN = read_sentences("train.txt", 1500)
 HELD = read_sentences("validation.txt", 60)
-BUDGET = LMDistillConfig(steps=4, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=1, eval_tokens=512)
+BUDGET = DecoderDistillConfig(steps=4, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=1, eval_tokens=512)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def _distill(teacher_dir, form, out, stop_after=None):
     teacher = load_decoder(teacher_dir)
     student = init_student(teacher, form)
     tok = teacher_dir / "tokenizer.json"
-    metrics = distill_lm(teacher, student, tok, BUDGET, out, Progress(quiet=True), stop_after, TRAIN, HELD)
+    metrics = distill_decoder(teacher, student, tok, BUDGET, out, Progress(quiet=True), stop_after, TRAIN, HELD)
     return metrics, student
 
 
@@ -104,8 +104,9 @@ def test_student_recipes_parse():
     windowed, mamba = load_recipe("tinylm-windowed"), load_recipe("tinylm-mamba")
     assert windowed.kind == mamba.kind == "decoder" and windowed.teacher == "tinylm-teacher.toml"
     assert windowed.student.attention == "windowed:64" and mamba.student.attention == "mamba2"
-    assert LMDistillConfig(**windowed.decoder["distill"]).lr == 5e-5
-    assert mamba.decoder["mamba"] == {"chunk_size": 64}
+    assert isinstance(windowed.decoder.distill, DecoderDistillConfig) and windowed.decoder.distill.lr == 5e-5
+    assert windowed.distill is None  # a decoder's [distill] table is decoder.distill, not the encoders'
+    assert mamba.decoder.mamba == {"chunk_size": 64}
 
 
 def test_unknown_distill_key_is_reported(tmp_path):

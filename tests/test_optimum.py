@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgepipe import pipeline
+from edgepipe.build import build
+from edgepipe.build.route import choose_route
 from edgepipe.bundle import check_bundle
 from edgepipe.config import resolve_run_config
 from edgepipe.errors import BuildError, MissingExtraError, UsageError
-from edgepipe.models.optimum import choose_route
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ("validate.samples=16", "validate.max_len=32", "quantize.samples=16")
@@ -123,7 +123,7 @@ def _config_only(tmp_path: Path, model_type: str, arch: str) -> Path:
 
 def _build(ckpt: Path, target: str, out: Path, precision: str | None = None, task: str | None = None):
     cfg = resolve_run_config(str(ckpt), target, precision, out, FAST, task=task)
-    return pipeline.build(cfg)
+    return build(cfg)
 
 
 # ----------------------------------------------------------------------------------------- routing (anywhere)
@@ -149,7 +149,7 @@ def test_choose_route_sends_bert_with_a_task_to_optimum(tmp_path, tiny_checkpoin
 def test_task_with_a_recipe_is_a_usage_error(tmp_path):
     cfg = resolve_run_config("minilm-teacher", "host-cpu", None, tmp_path, task="fill-mask")
     with pytest.raises(UsageError, match="--task fill-mask applies to checkpoint directories"):
-        pipeline.build(cfg)
+        build(cfg)
 
 
 def test_bert_bundle_records_the_edgepipe_route(tmp_path, tiny_checkpoint):

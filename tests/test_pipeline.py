@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from edgepipe import pipeline
+from edgepipe.build import build
 from edgepipe.bundle import check_bundle, open_bundle, text_fidelity
 from edgepipe.config import resolve_data_file, resolve_run_config
 from edgepipe.errors import BundleError, ModelError, UsageError
@@ -17,7 +17,7 @@ FAST = ("validate.samples=48", "validate.max_len=64")
 
 def _build(ckpt, out, *overrides, precision="fp32", **kw):
     cfg = resolve_run_config(str(ckpt), "host-cpu", precision, out, FAST + overrides)
-    return pipeline.build(cfg, **kw)
+    return build(cfg, **kw)
 
 
 def test_build_writes_a_complete_verified_bundle(tmp_path, tiny_checkpoint):
@@ -46,7 +46,7 @@ def _tiny_student(tmp_path, tiny_checkpoint, precision="fp32", student=""):
         f'teacher = "{tiny_checkpoint}"\n[student]\nlayers = [0, 2]\n{student}'
         "[distill]\nsteps = 4\nbatch_size = 8\nwarmup_steps = 1\nmax_len = 32\n"
     )
-    return pipeline.build(resolve_run_config(str(recipe), "host-cpu", precision, tmp_path / "out", FAST))
+    return build(resolve_run_config(str(recipe), "host-cpu", precision, tmp_path / "out", FAST))
 
 
 def test_build_distills_a_student_and_records_each_stage_fidelity(tmp_path, tiny_checkpoint):

@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("executorch", reason="ExecuTorch is not installed (pip install 'edgepipe[executorch]')")
 
-from edgepipe import pipeline  # noqa: E402
+from edgepipe.build import build  # noqa: E402
 from edgepipe.config import QuantizeConfig, load_target, resolve_run_config  # noqa: E402
 from edgepipe.data import batches, encode, load_tokenizer, read_sentences  # noqa: E402
 from edgepipe.errors import BuildError  # noqa: E402
@@ -274,7 +274,7 @@ FAST = ("validate.samples=32", "validate.max_len=32", "quantize.samples=32", "qu
 
 def _bundle(ckpt, out, target, precision=None):
     cfg = resolve_run_config(str(ckpt), target, precision, out, FAST)
-    return pipeline.build(cfg)
+    return build(cfg)
 
 
 def _check_xnnpack_bundle(bundle):

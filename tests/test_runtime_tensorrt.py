@@ -14,7 +14,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from edgepipe import pipeline
+from edgepipe.build import build
 from edgepipe.bundle import check_bundle
 from edgepipe.config import QuantizeConfig, load_target, resolve_run_config
 from edgepipe.data import batches, encode, load_tokenizer, read_sentences
@@ -267,7 +267,7 @@ FAST = ("validate.samples=48", "validate.max_len=64", "quantize.samples=64")
 )
 def test_build_for_tensorrt_target_writes_a_validated_bundle(tmp_path, tiny_checkpoint, target, precision):
     cfg = resolve_run_config(str(tiny_checkpoint), target, precision, tmp_path / "out", FAST)
-    bundle = pipeline.build(cfg)
+    bundle = build(cfg)
     names = {p.name for p in bundle.path.iterdir()}
     assert {"model.onnx", "build_plan.json", "build_engine.py", "check.npz", "manifest.json"} <= names
     m = bundle.manifest

@@ -10,45 +10,13 @@ changing its projections.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 
 from torch import Tensor
 
-from edgepipe.errors import UsageError
+from edgepipe.config import AttentionSpec
 
 AttentionFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None", bool], Tensor]
-
-FORMS = ("full", "windowed", "linear")
-
-
-@dataclass(frozen=True)
-class AttentionSpec:
-    """A parsed attention spec: ``kind`` plus the window for ``windowed``."""
-
-    kind: str = "full"
-    window: int | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> AttentionSpec:
-        """Parse ``full``, ``windowed:W`` or ``linear``.
-
-        Raises:
-            UsageError: The spec names an unknown form or a bad window.
-        """
-        kind, _, arg = text.strip().partition(":")
-        if kind not in FORMS:
-            raise UsageError(f"Unknown attention '{text}'. Accepted: full, windowed:W (e.g. windowed:256), linear.")
-        if kind == "windowed":
-            if not arg.isdigit() or int(arg) < 1:
-                raise UsageError(f"Attention '{text}' needs a positive window, e.g. windowed:256.")
-            return cls(kind, int(arg))
-        if arg:
-            raise UsageError(f"Attention '{text}' takes no argument; write '{kind}'.")
-        return cls(kind)
-
-    def __str__(self) -> str:
-        return f"windowed:{self.window}" if self.kind == "windowed" else self.kind
 
 
 def get_attention(spec: AttentionSpec | str) -> AttentionFn:

@@ -43,7 +43,6 @@ Rules for hosts: rows of a batch share one prompt length (no padding inside pref
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import torch
@@ -51,54 +50,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edgepipe.attention import AttentionSpec, get_attention
+from edgepipe.config import DecoderConfig
 from edgepipe.errors import UsageError
-
-
-@dataclass(frozen=True)
-class DecoderConfig:
-    """Shape of a LLaMA-style decoder.
-
-    ``rope_scaling`` is Hugging Face's ``rope_parameters`` minus ``rope_theta`` for ``linear`` or ``llama3``
-    scaling (None for plain RoPE). ``max_context`` is the KV-cache length of a ``full``-attention decoder.
-    """
-
-    vocab_size: int = 32000
-    hidden: int = 384
-    layers: int = 6
-    heads: int = 6
-    kv_heads: int = 2
-    ffn: int = 1024
-    head_dim_override: int | None = None
-    eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = field(default=None, hash=False)
-    tie_embeddings: bool = False
-    attention_bias: bool = False
-    mlp_bias: bool = False
-    attention: str = "full"
-    max_context: int = 2048
-
-    def __post_init__(self) -> None:
-        if self.heads % self.kv_heads:
-            raise UsageError(
-                f"heads={self.heads} is not a multiple of kv_heads={self.kv_heads}; pick kv_heads dividing heads."
-            )
-        AttentionSpec.parse(self.attention)
-
-    @property
-    def head_dim(self) -> int:
-        return self.head_dim_override or self.hidden // self.heads
-
-    @property
-    def cache_len(self) -> int:
-        """Slots per layer in the decode KV cache (see the module docstring); 0 for linear attention (no cache)."""
-        spec = AttentionSpec.parse(self.attention)
-        if spec.kind == "windowed":
-            return 2 * spec.window
-        return self.max_context if spec.kind == "full" else 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class RMSNorm(nn.Module):

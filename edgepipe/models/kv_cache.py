@@ -28,12 +28,14 @@ A token is quantized once, when it leaves the active region; archived tokens kee
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from edgepipe.config import KVCacheConfig
+from edgepipe.data import read_sentences
 from edgepipe.errors import UsageError
 from edgepipe.models.decoder import DecoderLM, stack_layers
 
@@ -360,3 +362,26 @@ def decode_memory(
     if tiered:
         transient += 4 * 2 * batch * c.kv_heads * n * c.head_dim
     return {"weights": weights, "cache": cache, "transient": transient, "total": weights + cache + transient}
+
+
+def tiered_decoder(model, tok, kv: KVCacheConfig, name: str = "the model") -> tuple[TieredDecoder, dict]:
+    """``model`` over the tiered INT8 KV cache, K scales calibrated on real text; returns (module, manifest facts).
+
+    Args:
+        model: A full-attention DecoderLM.
+        tok: Its tokenizer (``tokenizers.Tokenizer``).
+        kv: The recipe's ``[kv_cache]`` table.
+        name: For the error message.
+    """
+    if getattr(getattr(model, "spec", None), "kind", None) != "full":
+        raise UsageError(
+            f"Precision a8w16 stores the KV cache of full attention in INT8; {name} is "
+            f"{getattr(model.cfg, 'attention', 'mamba2')}.",
+            hint="Use --precision fp32: windowed caches stay 2W slots, Mamba-2 keeps a fixed state.",
+        )
+    sentences = read_sentences(kv.calibration)
+    seq = min(256, model.cfg.cache_len)
+    scales = calibrate_on_text(model, tok, sentences, seq, kv.calibration_windows)
+    dtype = torch.float16 if kv.active_dtype == "float16" else torch.float32
+    tiered = TieredDecoder(model, scales, kv.active, dtype, kv.v_scales, kv.boundaries)
+    return tiered, {"kv_cache": {**asdict(kv), "bytes_at_cache_len": cache_bytes(tiered, model.cfg.cache_len)}}

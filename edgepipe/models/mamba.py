@@ -27,60 +27,16 @@ multiple, or runs fixed-size decode chunks from ``init_state()``, and feeds the 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from edgepipe.config import MambaConfig
 from edgepipe.errors import UsageError
 from edgepipe.models.decoder import RMSNorm, stack_layers
 
 NEG = torch.finfo(torch.float32).min
-
-
-@dataclass(frozen=True)
-class MambaConfig:
-    """Shape of a Mamba-2 model; names follow Hugging Face's ``Mamba2Config`` where they differ from edgepipe's."""
-
-    vocab_size: int = 32000
-    hidden: int = 384
-    layers: int = 6
-    state_size: int = 64
-    head_dim: int = 64
-    expand: int = 2
-    n_groups: int = 1
-    conv_kernel: int = 4
-    chunk_size: int = 64
-    eps: float = 1e-5
-    use_bias: bool = False
-    use_conv_bias: bool = True
-    dt_min: float = 0.0
-    dt_max: float = math.inf
-    tie_embeddings: bool = False
-    max_context: int = 16384
-
-    def __post_init__(self) -> None:
-        if self.intermediate % self.head_dim or self.heads % self.n_groups:
-            raise UsageError(
-                f"Mamba-2 needs expand*hidden ({self.intermediate}) divisible by head_dim ({self.head_dim}) and heads "
-                f"divisible by n_groups ({self.n_groups}); change head_dim or n_groups."
-            )
-
-    @property
-    def intermediate(self) -> int:
-        return self.expand * self.hidden
-
-    @property
-    def heads(self) -> int:
-        return self.intermediate // self.head_dim
-
-    @property
-    def conv_dim(self) -> int:
-        return self.intermediate + 2 * self.n_groups * self.state_size
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def softplus(x: Tensor) -> Tensor:

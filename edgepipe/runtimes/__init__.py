@@ -1,13 +1,6 @@
-"""Runtimes behind one small interface, imported lazily so ``import edgepipe`` pulls in none of them.
+"""Runtimes behind one interface (``Runtime``), imported lazily so ``import edgepipe`` pulls in none of them.
 
-Each runtime module provides:
-
-- ``precisions() -> tuple[str, ...]``: the precision plans it can lower.
-- ``lower_encoder(model, example, target, precision, out_dir, quant=None) -> Lowered``: write the artifact.
-- ``load(artifact, target) -> Session``: a session whose ``run(feeds) -> dict`` maps numpy inputs to outputs.
-- ``can_run_here(target) -> tuple[bool, str]``: whether this machine can execute the artifact (or a faithful
-  numeric proxy of it), and how.
-- ``same_machine(target) -> bool``: whether latency measured here says anything about the target.
+Every module named in ``RUNTIMES`` satisfies ``Runtime`` (tests/runtimes/test_protocol.py checks it).
 """
 
 from __future__ import annotations
@@ -15,13 +8,19 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
 from edgepipe.config import QuantizeConfig
 from edgepipe.errors import MissingExtraError, UsageError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from torch import nn
+
+    from edgepipe.config import Target
 
 RUNTIMES = {
     "onnxruntime": "edgepipe.runtimes.onnxruntime",
@@ -55,7 +54,48 @@ class Lowered:
     report: dict = field(default_factory=dict)
 
 
-def get_runtime(name: str) -> ModuleType:
+@runtime_checkable
+class Runtime(Protocol):
+    """What every runtime module provides; ``get_runtime(name)`` returns one."""
+
+    def precisions(self, target: Target | None = None) -> tuple[str, ...]:
+        """The encoder precision plans it lowers (executorch's depend on the target's backend)."""
+        ...
+
+    def can_run_here(self, target: Target | None) -> tuple[bool, str]:
+        """Whether this machine can execute the artifact (or a faithful numeric proxy of it), and how."""
+        ...
+
+    def same_machine(self, target: Target) -> bool:
+        """Whether latency measured here says anything about the target."""
+        ...
+
+    def lower_encoder(
+        self, model: nn.Module, example: dict, target: Target, precision: str, out_dir: Path, quant=None
+    ) -> Lowered:
+        """Write a sentence encoder's artifact for ``target`` at ``precision``."""
+        ...
+
+    def lower_decoder(
+        self,
+        model: nn.Module,
+        target: Target,
+        precision: str,
+        out_dir: Path,
+        calibration: dict | None = None,
+        method: str = "minmax",
+        fit: Callable[[dict[str, Path], bool], float] | None = None,
+        budget: float = 0.0,
+    ) -> Lowered:
+        """Write a decoder's prefill and decode graphs (``runtimes.decoder_graphs`` holds their contract)."""
+        ...
+
+    def load(self, artifact: Path, target: Target | None = None, threads: int | None = None) -> Session:
+        """A session over ``artifact`` on this machine."""
+        ...
+
+
+def get_runtime(name: str) -> Runtime:
     """Import the runtime module for ``name``.
 
     Raises:

@@ -37,7 +37,7 @@ import re
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -50,6 +50,7 @@ from edgepipe.config import Target
 from edgepipe.errors import BuildError, MissingExtraError
 from edgepipe.precisions import STATIC
 from edgepipe.runtimes import Lowered, QuantInputs
+from edgepipe.runtimes import decoder_graphs as dg
 from edgepipe.stages.validate import compare, embed_torch
 
 BACKEND_PRECISIONS = {
@@ -1012,3 +1013,48 @@ def load(artifact: Path, target: Target | None = None, threads: int | None = Non
     if not runnable:
         raise BuildError(f"Cannot run {artifact} here: {why}.", hint="Run it on the device with `edgepipe bench`.")
     return PteSession(Path(artifact), threads)
+
+
+# -- decoders -------------------------------------------------------------------------------------------
+def lower_decoder(
+    model: nn.Module,
+    target: Target,
+    precision: str,
+    out_dir: Path,
+    calibration: dict[str, list[dict[str, np.ndarray]]] | None = None,
+    method: str = "minmax",
+    fit: Callable[[dict[str, Path], bool], float] | None = None,
+    budget: float = 0.0,
+) -> Lowered:
+    """``prefill.pte`` + ``decode.pte`` of ``model`` through XNNPACK (fp32; a8w16: the module's INT8 KV cache).
+
+    The arguments are ``runtimes.Runtime.lower_decoder``'s; static plans are TensorRT's, so calibration, method,
+    fit and budget go unused here.
+    """
+    dg.check_plan(target, precision, calibration)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files, report = {}, dg.start_report(model, precision)
+    for graph, inputs in dg.graph_examples(model):
+        files[graph] = out_dir / f"{graph}.pte"
+        report[graph] = _lower_decoder_graph(model, inputs, target, files[graph])
+    return Lowered(files=files, report=dg.finish_report(model, precision, report))
+
+
+def _lower_decoder_graph(model: nn.Module, inputs: tuple[Tensor, ...], target: Target, path: Path) -> dict:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    from edgepipe.models.decoder import DecodeGraph
+
+    edge = _to_backend(_export(DecodeGraph(model), inputs, target), [XnnpackPartitioner()], {}, target)
+    calls = [n for n in edge.exported_program().graph_module.graph.nodes if n.op == "call_function"]
+    delegated = sum("executorch_call_delegate" in str(n.target) for n in calls)
+    outside = Counter(
+        _op_name(n.target)
+        for n in calls
+        if not any(k in str(n.target) for k in ("executorch_call_delegate", "getitem"))
+    )
+    try:
+        path.write_bytes(edge.to_executorch().buffer)
+    except Exception as exc:  # serialisation errors name the op that has no out-variant kernel
+        raise BuildError(f"ExecuTorch could not serialise {path.name}: {exc}".splitlines()[0]) from exc
+    return {"backend": "xnnpack", "delegates": delegated, "outside_delegates": dict(outside)}

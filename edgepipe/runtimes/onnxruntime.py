@@ -12,6 +12,7 @@ import os
 import platform
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +21,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from edgepipe.config import Target
 from edgepipe.errors import BuildError
 from edgepipe.precisions import STATIC
 from edgepipe.runtimes import Lowered, QuantInputs, cpu_has_vnni
+from edgepipe.runtimes import decoder_graphs as dg
 
 OPSET = 17
 FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "BiasGelu", "FastGelu", "Gelu")
@@ -36,7 +38,7 @@ SENSITIVITY_BATCHES = 2
 log = logging.getLogger(__name__)
 
 
-def precisions() -> tuple[str, ...]:
+def precisions(target: Target | None = None) -> tuple[str, ...]:
     return ("fp32", "fp16", "int8-dynamic", *STATIC)
 
 
@@ -322,6 +324,49 @@ class _Candidates:
         return np.concatenate([session.run(None, f)[0] for f in feeds]).astype(np.float32)
 
 
+def export_decoder_graph(model: nn.Module, inputs: tuple[Tensor, ...], precision: str, path: Path) -> dict:
+    """One decoder step graph (runtimes.decoder_graphs) as ONNX at ``precision``; the report of what it holds."""
+    from edgepipe.models.decoder import DecodeGraph
+
+    names = ["input_ids", "position", *model.state_names]
+    outputs = ["logits", *(n + "_out" for n in model.state_names)]
+    fp32 = path.with_suffix(".fp32.onnx")
+    export_onnx(DecodeGraph(model), inputs, fp32, names, outputs, {})
+    plan = {"a8w16": "fp32"}.get(precision, precision)  # a8w16: fp32 weights over the INT8 cache (the module's own)
+    try:
+        done = apply_precision(fp32, path, plan)
+    finally:
+        fp32.unlink(missing_ok=True)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {**done, "ops": dict(Counter(n.op_type for n in graph.node)), "inputs": [i.name for i in graph.input]}
+
+
+def lower_decoder(
+    model: nn.Module,
+    target: Target,
+    precision: str,
+    out_dir: Path,
+    calibration: dict[str, list[dict[str, np.ndarray]]] | None = None,
+    method: str = "minmax",
+    fit: Callable[[dict[str, Path], bool], float] | None = None,
+    budget: float = 0.0,
+) -> Lowered:
+    """``prefill.onnx`` + ``decode.onnx`` of ``model`` at ``precision``, their weights stored once (``weights.bin``).
+
+    The arguments are ``runtimes.Runtime.lower_decoder``'s; static plans are TensorRT's, so calibration, method,
+    fit and budget go unused here.
+    """
+    dg.check_plan(target, precision, calibration)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files, report = {}, dg.start_report(model, precision)
+    for graph, inputs in dg.graph_examples(model):
+        files[graph] = out_dir / f"{graph}.onnx"
+        report[graph] = export_decoder_graph(model, inputs, precision, files[graph])
+    files["weights"] = dg.share_weights([files["prefill"], files["decode"]], out_dir / "weights.bin")
+    report["shared_weights"] = {"file": "weights.bin", "bytes": files["weights"].stat().st_size}
+    return Lowered(files=files, report=dg.finish_report(model, precision, report))
+
+
 def quantize_static_plan(src: Path, dst: Path, precision: str, quant: QuantInputs, flavor: QdqFlavor) -> dict:
     """Static int8 on the weight GEMMs of ``src`` with ORT's QDQ quantizer, planned per layer; write ``dst``.
 
@@ -356,7 +401,7 @@ def quantize_static_plan(src: Path, dst: Path, precision: str, quant: QuantInput
     nodes = [g.node for g in gemms]
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=dst.parent) as tmp:
         work = Path(tmp)
-        qdq_model = _quantize_all(float_model, nodes, quant, flavor, work)
+        qdq_model = quantize_all(float_model, nodes, quant, flavor, work)
         candidates = _Candidates(float_model, qdq_model, flavor, work)
 
         def drop(int8: frozenset[str], batches: list[dict[str, np.ndarray]]) -> float:
@@ -413,7 +458,7 @@ def quantize_static_plan(src: Path, dst: Path, precision: str, quant: QuantInput
     return report
 
 
-def _quantize_all(
+def quantize_all(
     float_model: onnx.ModelProto, nodes: list[str], quant: QuantInputs, flavor: QdqFlavor, work: Path
 ) -> onnx.ModelProto:
     """Calibrate on ``quant.calibration`` and put Q/DQ on every node in ``nodes``; return the Q/DQ graph."""

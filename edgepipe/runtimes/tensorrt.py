@@ -17,6 +17,9 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +32,9 @@ from edgepipe.config import Target
 from edgepipe.errors import BuildError
 from edgepipe.precisions import STATIC, tolerance
 from edgepipe.runtimes import Lowered, QuantInputs
+from edgepipe.runtimes import decoder_graphs as dg
 from edgepipe.runtimes import onnxruntime as ort_rt
+from edgepipe.runtimes.build_engine import PLAN_SCHEMA
 
 OPSET_RANGE = (13, 17)  # per-channel Q/DQ needs opset 13; TensorRT 8.6 (JetPack 6.0) parses up to 17
 GEMM_CONSUMERS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
@@ -45,7 +50,7 @@ UNSUPPORTED_OPS = frozenset(
 PROXY = "onnxruntime CPU proxy of the Q/DQ graph"
 
 
-def precisions() -> tuple[str, ...]:
+def precisions(target: Target | None = None) -> tuple[str, ...]:
     return ("fp32", "fp16", *STATIC)
 
 
@@ -147,39 +152,100 @@ def lower_encoder(
         report["precision"] = precision
         if precision == "fp16":
             report["note"] = "fp16 is TensorRT's FP16 builder flag; model.onnx stays fp32 (the proxy runs fp32)"
-    graph = onnx.load(str(path))
-    problems = check_graph(graph)
-    if problems:
-        raise BuildError(
-            f"TensorRT cannot fuse or parse {len(problems)} node(s) of {path.name} for target {target.name}: "
-            f"{problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""),
-            hint="Use --precision fp16 (no Q/DQ) or report the node; `edgepipe inspect` lists them all.",
-        )
-    report["tensorrt_checks"] = {
-        "rules": "passed",
-        "qdq_pairs": sum(n.op_type == "QuantizeLinear" for n in graph.graph.node),
-        "standard_ops_only": True,
-        "opset": default_opset(graph),
-        # polygraphy runs every node in onnxruntime one by one (~10 s for a tiny model, minutes for MiniLM); the
-        # validate stage runs the whole graph in onnxruntime anyway, so a target may turn it off.
-        "polygraphy_lint": polygraphy_lint(path)
-        if target.runtime_options.get("polygraphy_lint", True)
-        else "skipped ([tensorrt].polygraphy_lint = false)",
-    }
-    report["ops"] = _op_counts(graph)
-    plan_path = out_dir / "build_plan.json"
-    plan = build_plan(target, precision, model.cfg.max_positions, report)
-    plan_path.write_text(json.dumps(plan, indent=2) + "\n")
-    script = out_dir / "build_engine.py"
-    shutil.copy2(Path(__file__).with_name("build_engine.py"), script)
-    files = {"model": path, "build_plan": plan_path, "build_engine": script}
+    lint = (
+        True if target.runtime_options.get("polygraphy_lint", True) else "skipped ([tensorrt].polygraphy_lint = false)"
+    )
+    files = check_and_plan(
+        target,
+        {"model": path},
+        out_dir,
+        report,
+        lambda checked: build_plan(target, precision, model.cfg.max_positions, checked),
+        lint=lint,
+    )
+    return Lowered(files={"model": path, **files}, report=report)
+
+
+def check_and_plan(
+    target: Target,
+    graphs: dict[str, Path],
+    out_dir: Path,
+    report: dict,
+    make_plan: Callable[[dict], dict],
+    lint: bool | str = False,
+    hint: str = "Use --precision fp16 (no Q/DQ), or build for host-cpu.",
+) -> dict[str, Path]:
+    """The one TensorRT step every recipe ends with: check each graph against TensorRT's rules, write the build plan
+    and build_engine.py, and build the engine here when this machine has TensorRT and a GPU.
+
+    Args:
+        graphs: Role -> ONNX graph (``model``; a decoder's ``prefill`` and ``decode``).
+        report: The lowering report; each graph's checks land in it (``tensorrt_checks``, or per graph for several).
+        make_plan: Builds build_plan.json's content from the report (its checks included).
+        lint: Run polygraphy's per-node lint (True), or the reason it is skipped (a string), or skip it silently.
+        hint: The error's hint when a node fails the rules.
+
+    Returns:
+        The bundle files this step wrote (role -> path): build_plan, build_engine and, when built here, engine.
+
+    Raises:
+        BuildError: A node TensorRT cannot fuse or parse (the first one named, the count of the rest).
+    """
+    for role, path in graphs.items():
+        graph = onnx.load(str(path))  # with weights.bin: the rules read Q/DQ scales and weight shapes
+        problems = check_graph(graph)
+        if problems:
+            raise BuildError(
+                f"TensorRT cannot fuse or parse {len(problems)} node(s) of {path.name} for target {target.name}: "
+                f"{problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""),
+                hint=hint,
+            )
+        checks = {
+            "rules": "passed",
+            "qdq_pairs": sum(n.op_type == "QuantizeLinear" for n in graph.graph.node),
+            "standard_ops_only": True,
+            "opset": default_opset(graph),
+        }
+        if lint is not False:
+            # polygraphy runs every node in onnxruntime one by one (~10 s for a tiny model, minutes for MiniLM); the
+            # validate stage runs the whole graph in onnxruntime anyway, so a target may turn it off.
+            checks["polygraphy_lint"] = polygraphy_lint(path) if lint is True else lint
+        if len(graphs) == 1:
+            report["tensorrt_checks"] = checks
+            report["ops"] = _op_counts(graph)
+        else:
+            report[role]["tensorrt_checks"] = checks
+    plan = make_plan(report)
+    (out_dir / "build_plan.json").write_text(json.dumps(plan, indent=2) + "\n")
+    shutil.copy2(Path(__file__).with_name("build_engine.py"), out_dir / "build_engine.py")
+    files = {"build_plan": out_dir / "build_plan.json", "build_engine": out_dir / "build_engine.py"}
     problem = tensorrt_here()
-    if problem is None:
-        report["engine"] = _build_here(out_dir, plan)
-        files["engine"] = out_dir / plan["engine"]
-    else:
+    if problem is not None:
         report["engine"] = f"not built here ({problem}); run `python3 build_engine.py` in the bundle on the device"
-    return Lowered(files=files, report=report)
+    elif "engines" in plan:
+        report["engine"] = "built on the device: python3 build_engine.py in the bundle (prefill.plan, decode.plan)"
+    else:
+        report["engine"] = build_engine_here(out_dir, plan)
+        files["engine"] = out_dir / plan["engine"]
+    return files
+
+
+def decoder_plan(target: Target, precision: str, graphs: dict[str, Path]) -> dict:
+    """build_plan.json for a decoder: two static-shape engines (prefill, decode), checked by the runner."""
+    opts = target.runtime_options
+    return {
+        "schema": PLAN_SCHEMA,
+        "precision": precision,
+        "engines": [{"graph": g, "onnx": p.name, "engine": f"{g}.plan"} for g, p in graphs.items()],
+        # Q/DQ graphs are explicitly quantized: INT8 lets TensorRT use their scales, FP16 runs everything else.
+        "flags": {"int8": precision in STATIC, "fp16": precision in ("fp16", *STATIC), "tf32": precision != "fp32"},
+        "workspace_mb": int(opts.get("workspace_mb", 1024)),
+        "builder_optimization_level": int(opts.get("builder_optimization_level", 3)),
+        "profiles": [],  # static shapes: no optimisation profile
+        "min_tensorrt": "8.6",
+        "check": {"note": "decoders are checked by runner.py (edgepipe bench): greedy tokens vs check.npz"},
+        "target": {"name": target.name, **{k: v for k, v in target.hardware.items() if k in ("accelerator", "arch")}},
+    }
 
 
 def build_plan(target: Target, precision: str, max_positions: int, report: dict) -> dict:
@@ -191,7 +257,7 @@ def build_plan(target: Target, precision: str, max_positions: int, report: dict)
     shapes = {k: [int(b), int(s)] for k, b, s in zip(("min", "opt", "max"), batch, seq)}
     static = precision in STATIC
     return {
-        "schema": "edgepipe.trt_build_plan/1",
+        "schema": PLAN_SCHEMA,
         "onnx": "model.onnx",
         "engine": "model.plan",
         "precision": precision,
@@ -397,7 +463,9 @@ def load(artifact: Path, target: Target | None = None, threads: int | None = Non
 
         engine = Path(artifact).with_name("model.plan")
         if not engine.is_file():
-            _build_here(Path(artifact).parent, json.loads(Path(artifact).with_name("build_plan.json").read_text()))
+            build_engine_here(
+                Path(artifact).parent, json.loads(Path(artifact).with_name("build_plan.json").read_text())
+            )
         try:
             return build_engine.EngineRunner(engine)
         except build_engine.BuildFailure as exc:
@@ -405,7 +473,7 @@ def load(artifact: Path, target: Target | None = None, threads: int | None = Non
     return ProxySession(Path(artifact), threads)
 
 
-def _build_here(bundle: Path, plan: dict) -> dict:
+def build_engine_here(bundle: Path, plan: dict) -> dict:
     from edgepipe.runtimes import build_engine
 
     try:
@@ -423,3 +491,118 @@ class ProxySession(ort_rt.OrtSession):
         opts = ort.SessionOptions()
         opts.add_session_config_entry("session.disable_quant_qdq", "1")
         super().__init__(path, ["CPUExecutionProvider"], threads, options=opts)
+
+
+def lower_decoder(
+    model: nn.Module,
+    target: Target,
+    precision: str,
+    out_dir: Path,
+    calibration: dict[str, list[dict[str, np.ndarray]]] | None = None,
+    method: str = "minmax",
+    fit: Callable[[dict[str, Path], bool], float] | None = None,
+    budget: float = 0.0,
+) -> Lowered:
+    """``prefill.onnx`` + ``decode.onnx`` for TensorRT: fp32 graphs (fp16 is the builder flag) or, for int8-fp16,
+    explicit Q/DQ on every weight GEMM but the LM head, fitted to ``budget`` by ``fit`` (``qdq_graphs``); checked
+    against TensorRT's rules, with the build plan that builds both engines on the device.
+
+    Args:
+        calibration: Static INT8 plans: real feeds per graph (``decoder_graphs.calibration_feeds``).
+        method: Calibration method for the activation scales (``stages.calibrate``).
+        fit: Static INT8 plans: ``fit(graphs, quick)``, the fidelity drop of candidate graphs on held-back text
+            (``quick``: a cheaper estimate, to rank the GEMMs).
+        budget: The largest drop ``fit`` may report for the plan that ships.
+    """
+    dg.check_plan(target, precision, calibration)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files, report = {}, dg.start_report(model, precision)
+    for graph, inputs in dg.graph_examples(model):
+        files[graph] = out_dir / f"{graph}.onnx"
+        report[graph] = ort_rt.export_decoder_graph(model, inputs, "fp32", files[graph])
+    if precision in STATIC:
+        planned = qdq_graphs(files, calibration, method, fit, budget)
+        for graph in dg.GRAPHS:
+            report[graph].update(planned[graph])
+        report["int8_plan"] = planned["int8_plan"]
+    files["weights"] = dg.share_weights([files["prefill"], files["decode"]], out_dir / "weights.bin")
+    report["shared_weights"] = {"file": "weights.bin", "bytes": files["weights"].stat().st_size}
+    graphs = {g: files[g] for g in dg.GRAPHS}
+    hint = "Use an onnxruntime target for this decoder, or report the node."
+    files.update(
+        check_and_plan(target, graphs, out_dir, report, lambda _: decoder_plan(target, precision, graphs), hint=hint)
+    )
+    return Lowered(files=files, report=dg.finish_report(model, precision, report))
+
+
+def qdq_graphs(
+    files: dict[str, Path],
+    calibration: dict[str, list[dict[str, np.ndarray]]],
+    method: str,
+    fit: Callable[[dict[str, Path], bool], float] | None,
+    budget: float,
+) -> dict:
+    """Rewrite the fp32 graphs in ``files`` with TensorRT's explicit Q/DQ on the weight GEMMs of the plan: every one
+    but the LM head, less those ``fit`` finds break ``budget`` (moved to FP16, most sensitive first).
+
+    Each graph is calibrated and quantized once; every candidate plan is composed from that (``quantize.compose``).
+    """
+    from edgepipe.config import QuantizeConfig
+    from edgepipe.stages import calibrate as cal
+    from edgepipe.stages import quantize as q
+
+    floats, qdqs, gemms = {}, {}, {}
+    for graph, path in files.items():
+        floats[graph] = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+        gemms[graph] = q.weight_gemms(floats[graph])
+        nodes = [g.node for g in gemms[graph] if "lm_head" not in g.layer]
+        if not nodes:
+            raise BuildError(f"{path.name} has no weight GEMM to quantize.", hint="Use --precision fp16.")
+        config = QuantizeConfig(method=method)
+        quant = QuantInputs(calibration=calibration[graph], held_out=[], reference=np.zeros(0), config=config)
+        with tempfile.TemporaryDirectory(prefix=".quantize-", dir=path.parent) as tmp:
+            qdqs[graph] = ort_rt.quantize_all(floats[graph], nodes, quant, trt_qdq_flavor(), Path(tmp))
+        del qdqs[graph].graph.value_info[:]
+    units = [g.layer for g in gemms["decode"] if "lm_head" not in g.layer]  # the same modules in both graphs
+    if sorted(units) != sorted(g.layer for g in gemms["prefill"] if "lm_head" not in g.layer):
+        raise BuildError("The prefill and decode graphs have different weight GEMMs.", hint="Use --precision fp16.")
+
+    def write(int8: frozenset[str], where: dict[str, Path]) -> dict[str, Path]:
+        for graph, path in where.items():
+            nodes = [g.node for g in gemms[graph] if g.layer in int8]
+            onnx.save(q.compose(floats[graph], qdqs[graph], nodes), str(path))
+        return where
+
+    int8, plan = frozenset(units), {"budget": budget}
+    if fit is not None:
+        with tempfile.TemporaryDirectory(prefix=".plan-", dir=files["decode"].parent) as tmp:
+            where = {graph: Path(tmp) / path.name for graph, path in files.items()}
+
+            def measure(candidate: frozenset[str], quick: bool = False) -> float:
+                return fit(write(candidate, where), quick)
+
+            drop = measure(int8)
+            plan["all_int8_drop"] = round(drop, 6)
+            if drop > budget:
+                sensitivity = q.rank_sensitivity(units, lambda one: measure(one, quick=True))
+                fitted = q.fit_budget(units, sensitivity, measure, budget)
+                if fitted.int8:  # none left in int8 is the fp16 plan: the caller's fallback names it so
+                    int8 = fitted.int8
+                plan.update(
+                    sensitivity={k: round(v, 6) for k, v in sensitivity.items()}, moved=fitted.moved, steps=fitted.steps
+                )
+    plan["fp16_layers"] = [u for u in units if u not in int8]
+    write(int8, files)
+    out = {"int8_plan": plan}
+    for graph, path in files.items():
+        lowered = onnx.load(str(path))
+        coverage = q.int8_coverage(lowered)
+        out[graph] = {
+            "int8_gemms": sum(v == "int8" for v in coverage["layers"].values()),
+            "weight_gemms": len(gemms[graph]),
+            "int8_coverage": coverage,
+            "calibration": {"method": cal.check_method(method), "calls": len(calibration[graph])},
+            "kept_fp16": [g.layer for g in gemms[graph] if coverage["layers"].get(g.layer) != "int8"],
+            "ops": dict(Counter(n.op_type for n in lowered.graph.node)),
+        }
+    return out

@@ -673,9 +673,8 @@ def main(argv: list[str] | None = None) -> None:
     """
     import argparse
 
-    from edgepipe.config import load_recipe
+    from edgepipe.config import load_recipe, resolve_teacher
     from edgepipe.models.hf import load_encoder
-    from edgepipe.pipeline import resolve_teacher
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--model", required=True, help="Recipe name or TOML path with a [student] table.")

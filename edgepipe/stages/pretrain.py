@@ -20,8 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
-import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -30,43 +29,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from edgepipe.config import EOS, SPECIAL_TOKENS, DecoderConfig, PretrainConfig, load_recipe
 from edgepipe.data import read_sentences
 from edgepipe.errors import UsageError
-from edgepipe.models.decoder import DecoderConfig, DecoderLM
+from edgepipe.models.decoder import DecoderLM
 
-BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
-SPECIAL_TOKENS = (PAD, BOS, EOS)  # ids 0, 1, 2
 ETA_AFTER = 5  # steps before the progress note with the time estimate
 RECIPE = Path(__file__).resolve().parents[2] / "models" / "tinylm-teacher.toml"
-
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    """Tokenizer and training budget of a from-scratch decoder (the ``[tokenizer]`` and ``[pretrain]`` tables)."""
-
-    vocab_size: int = 8192  # BPE vocabulary, special tokens included
-    data: str = "train.txt"  # a file in calibration_data/ (one sentence a line)
-    eval_data: str = "validation.txt"  # held-back text for the final perplexity
-    eval_tokens: int = 32768  # held-back tokens scored (windows of seq_len)
-    steps: int = 250
-    batch_size: int = 16
-    seq_len: int = 256
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 25
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = 25
-
-    def __post_init__(self) -> None:
-        if self.vocab_size < 256 + len(SPECIAL_TOKENS):
-            raise UsageError(f"pretrain vocab_size={self.vocab_size}; byte-level BPE needs at least 259 tokens.")
-        if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2:
-            raise UsageError(
-                f"pretrain steps={self.steps}, batch_size={self.batch_size}, seq_len={self.seq_len}: "
-                "steps and batch_size must be >= 1 and seq_len >= 2."
-            )
 
 
 def train_tokenizer(sentences: list[str], vocab_size: int) -> Tokenizer:
@@ -327,26 +296,6 @@ def pretrain(
     return metrics
 
 
-def configs_from_recipe(path: Path | str) -> tuple[DecoderConfig, PretrainConfig]:
-    """Architecture (``[model]``) and budget (``[tokenizer]`` + ``[pretrain]``) from a decoder recipe TOML.
-
-    Until ``edgepipe.config`` parses decoder recipes, this reads the tables directly; unknown keys are errors.
-
-    Raises:
-        UsageError: A key that DecoderConfig / PretrainConfig do not have.
-    """
-    data = tomllib.loads(Path(path).read_text())
-    arch, tok, train = data.get("model", {}), data.get("tokenizer", {}), data.get("pretrain", {})
-    known_arch = {f.name for f in fields(DecoderConfig)}
-    known_train = {f.name for f in fields(PretrainConfig)}
-    bad = [f"model.{k}" for k in arch if k not in known_arch] + [f"pretrain.{k}" for k in train if k not in known_train]
-    bad += [f"tokenizer.{k}" for k in tok if k not in ("vocab_size",)]
-    if bad:
-        raise UsageError(f"{path}: unknown keys {', '.join(bad)}.", hint="See DecoderConfig and PretrainConfig.")
-    cfg = PretrainConfig(**{**train, **tok})
-    return DecoderConfig(**{**arch, "vocab_size": cfg.vocab_size}), cfg
-
-
 def main(argv: list[str] | None = None) -> None:
     """Pretrain the tinylm teacher: ``python -m edgepipe.stages.pretrain --out ~/.cache/edgepipe/tinylm-teacher``."""
     import argparse
@@ -363,7 +312,12 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_cfg, cfg = configs_from_recipe(args.recipe)
+    tables = load_recipe(str(args.recipe)).decoder
+    if tables is None:
+        raise SystemExit(f'{args.recipe} is not a decoder recipe (kind = "decoder").')
+    cfg = tables.pretrain
+    arch = {k: v for k, v in tables.model.items() if k != "max_context"}  # a cache length, not weights
+    model_cfg = DecoderConfig(**{**arch, "vocab_size": cfg.vocab_size, "max_context": cfg.seq_len})
     overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
     cfg = PretrainConfig(**{**asdict(cfg), **{k: v for k, v in overrides.items() if v is not None}})
     metrics = pretrain(model_cfg, cfg, args.out.expanduser(), Progress())

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -31,42 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from edgepipe.config import DecoderConfig, DecoderDistillConfig, MambaConfig
 from edgepipe.data import read_sentences
 from edgepipe.errors import UsageError
-from edgepipe.models.decoder import DecoderConfig, DecoderLM
-from edgepipe.models.mamba import MambaConfig, MambaLM
+from edgepipe.models.decoder import DecoderLM
+from edgepipe.models.mamba import MambaLM
 from edgepipe.stages.pretrain import encode_text, train_steps, windows
 
 EVAL_BATCH = 8
-
-
-@dataclass(frozen=True)
-class LMDistillConfig:
-    """The ``[distill]`` table of a decoder student recipe."""
-
-    data: str = "train.txt"
-    eval_data: str = "validation.txt"
-    eval_tokens: int = 16384  # held-back tokens scored for perplexity and agreement (windows of seq_len)
-    steps: int = 200
-    batch_size: int = 8
-    seq_len: int = 256
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    temperature: float = 1.0
-    kl_weight: float = 1.0
-    hidden_weight: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = 25
-
-    def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2 or self.temperature <= 0:
-            raise UsageError(
-                f"distill steps={self.steps}, batch_size={self.batch_size}, seq_len={self.seq_len}, "
-                f"temperature={self.temperature}: steps, batch_size >= 1, seq_len >= 2 and temperature > 0."
-            )
 
 
 def init_student(teacher: DecoderLM, form: str, mamba: dict | None = None, seed: int = 0) -> DecoderLM | MambaLM:
@@ -144,7 +116,9 @@ def _last_hidden(model: nn.Module, ids: Tensor) -> tuple[Tensor, Tensor]:
     return logits, seen[0]
 
 
-def distill_loss(student: nn.Module, teacher: nn.Module, batch: Tensor, cfg: LMDistillConfig) -> tuple[Tensor, dict]:
+def distill_loss(
+    student: nn.Module, teacher: nn.Module, batch: Tensor, cfg: DecoderDistillConfig
+) -> tuple[Tensor, dict]:
     """KL at temperature T (scaled by T^2) plus MSE of the L2-normalised last hidden states; batch (b, seq + 1)."""
     ids = batch[:, :-1]
     with torch.no_grad():
@@ -187,11 +161,11 @@ def evaluate(student: nn.Module, teacher: nn.Module, stream: np.ndarray, seq_len
     }
 
 
-def distill_lm(
+def distill_decoder(
     teacher: DecoderLM,
     student: nn.Module,
     tokenizer_path: Path,
-    cfg: LMDistillConfig,
+    cfg: DecoderDistillConfig,
     out_dir: Path,
     progress,
     stop_after: int | None = None,

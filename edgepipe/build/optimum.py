@@ -1,9 +1,8 @@
 """Hugging Face checkpoints edgepipe does not re-implement, exported with Hugging Face Optimum.
 
-``choose_route`` decides, per build, whether a checkpoint goes through edgepipe's own models (BERT encoders today:
-distill, swap and the precision plans apply) or through Optimum, and says why; the manifest records both.
-``build_foreign`` runs the Optimum path with the same stage cache, validation and bundle contract as
-``pipeline.build``:
+``build.route.choose_route`` sends a checkpoint here when edgepipe does not re-implement its architecture (or task).
+``build_optimum`` runs the Optimum path over the same driver (stage cache, fallback loop, bundle contract) as the
+other recipes:
 
 - onnxruntime and tensorrt targets: Optimum's ONNX exporter (``optimum-onnx``), then the precision with
   ONNX Runtime's own tooling (``runtimes.onnxruntime.apply_precision``), or explicit Q/DQ for TensorRT
@@ -24,27 +23,23 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import json
 import shutil
-import time
-from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from edgepipe import __version__
-from edgepipe.cache import StageCache, StageResult, digest
+from edgepipe.build.driver import Attempt, Build, Bundle, time_session
+from edgepipe.build.route import Route
+from edgepipe.cache import StageCache, StageResult, checkpoint_hash
 from edgepipe.config import RunConfig
 from edgepipe.data import read_sentences
 from edgepipe.errors import BuildError, MissingExtraError, ModelError, UsageError
-from edgepipe.manifest import read_manifest, sha256_file, write_manifest
-from edgepipe.models.hf import encoder_config_from_hf, read_config
-from edgepipe.precisions import STATIC
+from edgepipe.models.hf import read_config
+from edgepipe.precisions import STATIC, tolerance
 from edgepipe.progress import Progress
+from edgepipe.runtimes import QuantInputs, get_runtime
 
-EDGEPIPE_MODEL_TYPES = ("bert",)  # what edgepipe.models.hf loads into edgepipe's own Encoder
-EDGEPIPE_TASKS = (None, "sentence-similarity")  # edgepipe's encoder bundles are sentence embeddings
 ONNX_RUNTIMES = ("onnxruntime", "tensorrt")
 OPSET = 17  # TensorRT 8.6 (JetPack 6.0) parses up to opset 17; optimum-onnx warns that it recommends 18
 # optimum-executorch tasks whose .pte has one forward method edgepipe can feed from real text or images.
@@ -75,56 +70,6 @@ QUANT_HELD_OUT = 16  # held-back samples the TensorRT int8-fp16 planner runs per
 BATCH = 8
 CHECK_SAMPLES = 4
 IMAGE_SIZE = 224  # what an image model sees when its config names no size (resized by its processor anyway)
-
-
-@dataclass(frozen=True)
-class Route:
-    """Which path a build takes and why: ``edgepipe`` (own models) or ``optimum`` (Optimum's exporters)."""
-
-    path: str
-    why: str
-    model_type: str | None = None
-    task: str | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def choose_route(cfg: RunConfig, checkpoint: Path) -> Route:
-    """Route a build: recipes and BERT checkpoints through edgepipe, every other checkpoint through Optimum.
-
-    Raises:
-        UsageError: ``--task`` given with a recipe (recipes build sentence encoders).
-        ModelError: The checkpoint has no readable config.json.
-    """
-    task = cfg.task
-    if cfg.recipe.student is not None or cfg.recipe.path.endswith(".toml"):
-        if task not in EDGEPIPE_TASKS:
-            raise UsageError(
-                f"--task {task} applies to checkpoint directories; recipe {cfg.recipe.name} builds sentence "
-                "embeddings.",
-                hint="Drop --task, or pass --model a checkpoint directory.",
-            )
-        return Route("edgepipe", f"recipe {cfg.recipe.name}: edgepipe's own models, distill/swap/precision plans apply")
-    hf = read_config(checkpoint)
-    model_type = hf.get("model_type")
-    if model_type in EDGEPIPE_MODEL_TYPES and task in EDGEPIPE_TASKS:
-        try:
-            encoder_config_from_hf(hf, checkpoint)
-        except ModelError as exc:
-            return Route("optimum", f"edgepipe's BERT encoder cannot load it ({exc.message})", model_type, task)
-        return Route(
-            "edgepipe",
-            f"model_type '{model_type}' is re-implemented by edgepipe (edgepipe.models.hf): "
-            "distill, swap and the precision plans apply",
-            model_type,
-            task,
-        )
-    if model_type in EDGEPIPE_MODEL_TYPES:
-        why = f"--task {task}: edgepipe's own {model_type} encoder builds sentence embeddings only"
-    else:
-        why = f"model_type '{model_type}' is not one edgepipe re-implements ({', '.join(EDGEPIPE_MODEL_TYPES)})"
-    return Route("optimum", why, model_type, task)
 
 
 # ---------------------------------------------------------------------------------------------- environment
@@ -376,16 +321,6 @@ def graph_io(path: Path) -> dict:
     return {"inputs": [rec(v) for v in graph.input if v.name not in inits], "outputs": [rec(v) for v in graph.output]}
 
 
-def checkpoint_hash(path: Path) -> str:
-    """Content hash of the files that define a checkpoint: config, weights, preprocessing."""
-    names = sorted(
-        p.name
-        for p in path.iterdir()
-        if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name in PREPROCESSING_FILES)
-    )
-    return digest({n: sha256_file(path / n) for n in names})
-
-
 def _quiet():
     """Optimum and transformers log advice (opset, slow processors) at WARNING; a build shows its own progress."""
     import logging
@@ -458,19 +393,18 @@ def _drop_output(path: Path, name: str) -> None:
     onnx.save(model, str(path))
 
 
-class _ForeignBuild:
+class OptimumBuild:
     """One Optimum build: export, lower at a precision, validate against transformers, write the bundle."""
 
     def __init__(self, cfg: RunConfig, route: Route, checkpoint: Path, cache: StageCache, progress: Progress) -> None:
-        self.cfg, self.route, self.checkpoint, self.cache, self.progress = cfg, route, checkpoint, cache, progress
+        self.build = Build(cfg, cache, progress, versions={**cache.versions, **optimum_versions()})
+        self.cfg, self.route, self.checkpoint, self.progress = cfg, route, checkpoint, progress
         self.target, self.recipe = cfg.target, cfg.recipe
-        self.records: list[dict] = []
         self.hf = read_config(checkpoint)
         self.model_type = self.hf.get("model_type")
         require_exporter(self.target.runtime)
         self.task = route.task or infer_task(checkpoint, self.hf)
-        self.ckpt_hash = checkpoint_hash(checkpoint)
-        self.versions = {**cache.versions, **optimum_versions()}
+        self.ckpt_hash = checkpoint_hash(checkpoint, PREPROCESSING_FILES, weights=True)
         self.held_out_n = min(self.recipe.validate.samples, HELD_OUT_CAP)
         self._model = None
 
@@ -482,10 +416,7 @@ class _ForeignBuild:
         return self._model
 
     def stage(self, name: str, payload: dict, fn, label: str, config: dict | None = None) -> StageResult:
-        from edgepipe.pipeline import run_stage
-
-        payload = {**payload, "optimum": optimum_versions()}
-        return run_stage(self.cache, self.progress, self.records, name, payload, fn, label, config)
+        return self.build.stage(name, {**payload, "optimum": optimum_versions()}, fn, label, config)
 
     def unsupported(self, works: str) -> BuildError:
         t = self.target
@@ -511,8 +442,6 @@ class _ForeignBuild:
         return self.run_onnx()
 
     def run_onnx(self):
-        from edgepipe.pipeline import FALLBACK
-
         tasks = onnx_tasks(self.model_type)
         if not tasks:
             raise BuildError(
@@ -531,27 +460,18 @@ class _ForeignBuild:
         names = [o["name"] for o in io["outputs"]]
         held = inputs.batches("validation", self.held_out_n)
         self.check_vocab(held)
-        precision = self.cfg.precision
-        while True:
+
+        def attempt(precision: str) -> Attempt:
             lowered = self.lower_onnx(export, precision, inputs, names, held)
             validated = self.validate(lowered, precision, held, names)
-            drop = 1.0 - validated.meta["vs_pytorch"]["mean_cosine"]
-            budget = self.recipe.quantize.fidelity_budget
-            if precision == "fp32" or drop <= budget:
-                break
-            fallback = FALLBACK.get(precision)
-            if fallback is None or fallback not in self.target.precisions:
-                raise BuildError(
-                    f"Precision {precision} loses {drop:.4f} mean cosine vs transformers on held-back inputs "
-                    f"(budget {budget}); no fallback plan on target {self.target.name}.",
-                    hint="Raise quantize.fidelity_budget with --set, or pick another --precision.",
-                )
-            self.records[-1]["decision"] = f"{precision} dropped {drop:.4f} > budget {budget}: fall back to {fallback}"
-            self.progress.note(f"{precision} broke the fidelity budget ({drop:.4f} > {budget}); falling back")
-            precision = fallback
-        latency = self.latency(lowered, inputs)
+            return Attempt(precision, lowered, validated, 1.0 - validated.meta["vs_pytorch"]["mean_cosine"])
+
+        best = self.build.fit_precision(
+            attempt, self.target.precisions, "encoder", "mean cosine vs transformers on held-back inputs"
+        )
+        latency = self.latency(best.lowered, inputs)
         check = inputs.make("validation", CHECK_SAMPLES, pad="longest")
-        return self.write_bundle(lowered, validated, latency, precision, io, check, names, export.dir)
+        return self.write_bundle(best, latency, io, check, names, export.dir)
 
     def export_onnx(self) -> StageResult:
         payload = {"checkpoint": self.ckpt_hash, "task": self.task, "opset": OPSET}
@@ -579,8 +499,6 @@ class _ForeignBuild:
         return self.stage("optimum_export", payload, run, f"export {self.model_type} ({self.task}) with Optimum")
 
     def lower_onnx(self, export: StageResult, precision: str, inputs: Inputs, names, held) -> StageResult:
-        from edgepipe.runtimes import get_runtime
-
         target, q = self.target, self.recipe.quantize
         runtime = get_runtime(target.runtime)
         static = precision in STATIC
@@ -617,9 +535,7 @@ class _ForeignBuild:
 
     def lower_tensorrt(self, src: Path, out: Path, precision: str, inputs: Inputs, names, held) -> tuple[dict, dict]:
         """Explicit Q/DQ (or plain fp32 for fp32/fp16 builder flags) ONNX, checked by TensorRT's rules, + plan."""
-        import onnx
 
-        from edgepipe.runtimes import QuantInputs
         from edgepipe.runtimes import onnxruntime as ort_rt
         from edgepipe.runtimes import tensorrt as trt
 
@@ -651,34 +567,21 @@ class _ForeignBuild:
             report["precision"] = precision
             if precision == "fp16":
                 report["note"] = "fp16 is TensorRT's FP16 builder flag; model.onnx stays fp32 (the proxy runs fp32)"
-        graph = onnx.load(str(path))
-        problems = trt.check_graph(graph)
-        if problems:
-            raise BuildError(
-                f"TensorRT cannot fuse or parse {len(problems)} node(s) of Optimum's {self.model_type} export for "
-                f"target {target.name}: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""),
-                hint="Use --precision fp16 (no Q/DQ), or build for host-cpu.",
-            )
-        report["tensorrt_checks"] = {
-            "rules": "passed",
-            "qdq_pairs": sum(n.op_type == "QuantizeLinear" for n in graph.graph.node),
-            "standard_ops_only": True,
-            "opset": OPSET,
-            "polygraphy_lint": "skipped: edgepipe's lint call feeds sentence-encoder inputs only",
-        }
         max_positions = int(self.hf.get("max_position_embeddings") or self.hf.get("n_positions") or 512)
-        plan = trt.build_plan(target, precision, max_positions, report)
-        plan["profiles"] = [self._trt_profile(graph_io(path), max_positions)]
-        (out / "build_plan.json").write_text(json.dumps(plan, indent=2) + "\n")
-        shutil.copy2(Path(trt.__file__).with_name("build_engine.py"), out / "build_engine.py")
-        files = {"model": "model.onnx", "build_plan": "build_plan.json", "build_engine": "build_engine.py"}
-        problem = trt.tensorrt_here()
-        if problem is None:
-            report["engine"] = trt._build_here(out, plan)
-            files["engine"] = plan["engine"]
-        else:
-            report["engine"] = f"not built here ({problem}); run `python3 build_engine.py` in the bundle on the device"
-        return report, files
+
+        def make_plan(checked: dict) -> dict:
+            plan = trt.build_plan(target, precision, max_positions, checked)
+            return {**plan, "profiles": [self._trt_profile(graph_io(path), max_positions)]}
+
+        files = trt.check_and_plan(
+            target,
+            {"model": path},
+            out,
+            report,
+            make_plan,
+            lint="skipped: edgepipe's lint call feeds sentence-encoder inputs only",
+        )
+        return report, {"model": "model.onnx", **{role: p.name for role, p in files.items()}}
 
     def _trt_profile(self, io: dict, max_positions: int) -> dict:
         """One optimisation profile over the export's own inputs: batch and seq from the target, the rest fixed."""
@@ -704,9 +607,6 @@ class _ForeignBuild:
         return profile
 
     def validate(self, lowered: StageResult, precision: str, held, names) -> StageResult:
-        from edgepipe.pipeline import TOLERANCES
-        from edgepipe.runtimes import get_runtime
-
         runtime = get_runtime(self.target.runtime)
         runnable, where = runtime.can_run_here(self.target)
         artifact = lowered.dir / lowered.meta["files"]["model"]
@@ -723,26 +623,17 @@ class _ForeignBuild:
         result = self.stage(
             "validate", payload, run, f"validate in {self.target.runtime}", config={**payload, "precision": precision}
         )
-        self.records[-1]["tolerance"] = TOLERANCES[precision]
+        self.build.records[-1]["tolerance"] = tolerance(precision, "encoder")
         return result
 
     def latency(self, lowered: StageResult, inputs: Inputs) -> StageResult | None:
-        from edgepipe.runtimes import get_runtime
-
-        runtime = get_runtime(self.target.runtime)
-        if not runtime.same_machine(self.target):
-            return None
-        artifact = lowered.dir / lowered.meta["files"]["model"]
-
-        from edgepipe.pipeline import time_session
-
         def run(out: Path) -> dict:
-            session = runtime.load(artifact, self.target)
+            session = get_runtime(self.target.runtime).load(lowered.dir / lowered.meta["files"]["model"], self.target)
             feeds = inputs.make("validation", 1)
             shape = list(next(iter(feeds.values())).shape)
             return {"shape": shape if inputs.vision else shape[:2], **time_session(session, feeds)}
 
-        return self.stage("latency", {"artifact": lowered.key}, run, "latency estimate here")
+        return self.build.latency({"artifact": lowered.key}, run)
 
     # -- ExecuTorch through optimum-executorch ------------------------------------------------------------------
     def run_executorch(self):
@@ -806,7 +697,9 @@ class _ForeignBuild:
             "lower", payload, export, f"export {self.model_type} ({self.task}) with optimum-executorch"
         )
         if precision != self.cfg.precision:
-            self.records[-1]["decision"] = f"optimum-executorch has no {self.cfg.precision} plan: built {precision}"
+            self.build.records[-1]["decision"] = (
+                f"optimum-executorch has no {self.cfg.precision} plan: built {precision}"
+            )
         samples = [self._et_feeds(inputs, i) for i in range(self.held_out_n)]
         self.check_vocab(samples)  # an out-of-range id aborts ExecuTorch's runtime, and the process with it
 
@@ -846,7 +739,8 @@ class _ForeignBuild:
             ),
         }
         check = self._et_feeds(inputs, 0)
-        return self.write_bundle(lowered, validated, None, precision, io, check, ["logits"], self.checkpoint)
+        best = Attempt(precision, lowered, validated, 0.0)
+        return self.write_bundle(best, None, io, check, ["logits"], self.checkpoint)
 
     def _et_feeds(self, inputs: Inputs, i: int) -> dict[str, np.ndarray]:
         """One real sample, batch 1, unpadded, in the task's input order."""
@@ -856,62 +750,45 @@ class _ForeignBuild:
         return feeds
 
     # -- bundle -------------------------------------------------------------------------------------------------
-    def write_bundle(self, lowered, validated, latency, precision, io, check, names, preprocessing_dir):
-        from edgepipe.pipeline import Bundle, staged_bundle
+    def write_bundle(self, best: Attempt, latency, io, check, names, preprocessing_dir: Path) -> Bundle:
+        files = {name: best.lowered.dir / name for name in best.lowered.meta["files"].values()}
+        shipped = []
+        for name in PREPROCESSING_FILES:
+            src = next((d / name for d in (preprocessing_dir, self.checkpoint) if (d / name).is_file()), None)
+            if src is not None:
+                files[name] = src
+                shipped.append(name)
 
-        with staged_bundle(self.cfg.bundle_dir) as tmp, self.progress.stage("write bundle"):
-            for name in lowered.meta["files"].values():
-                shutil.copy2(lowered.dir / name, tmp / name)
-            shipped = []
-            for name in PREPROCESSING_FILES:
-                for src in (preprocessing_dir / name, self.checkpoint / name):
-                    if src.is_file():
-                        shutil.copy2(src, tmp / name)
-                        shipped.append(name)
-                        break
+        def write_check(tmp: Path) -> None:
             expected = torch_outputs(self.torch_model(), check, names)
             np.savez(
                 tmp / "check.npz",
                 **{f"input.{k}": v for k, v in check.items()},
                 **{f"output.{k}": v for k, v in expected.items()},
             )
-            write_manifest(tmp, self.manifest(lowered, validated, latency, precision, io, shipped))
-        return Bundle(self.cfg.bundle_dir, read_manifest(self.cfg.bundle_dir))
 
-    def manifest(self, lowered, validated, latency, precision, io, shipped) -> dict:
-        from edgepipe.pipeline import TOLERANCES
+        return self.build.write_bundle(files, self.manifest(best, latency, io, shipped), write_check)
 
-        vs = validated.meta["vs_pytorch"]
+    def manifest(self, best: Attempt, latency, io, shipped: list[str]) -> dict:
+        vs = best.validated.meta["vs_pytorch"]
         fid = {k: vs[k] for k in ("mean_cosine", "min_cosine", "max_abs", "n")}
-        return {
-            "edgepipe_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "model": self.recipe.name,
-            "kind": "decoder" if self.task.startswith("text-generation") else "encoder",
-            "route": {
+        return self.build.manifest(
+            kind="decoder" if self.task.startswith("text-generation") else "encoder",
+            family="encoder",
+            best=best,
+            latency=latency,
+            route={
                 **self.route.to_dict(),
                 "task": self.task,
                 "task_from": "--task" if self.route.task else "config.json architectures (Optimum's TasksManager)",
             },
-            "source_model": {"path": str(self.checkpoint), "hash": self.ckpt_hash, "model_type": self.model_type},
-            "recipe": self.recipe.to_dict(),
-            "target": self.target.to_dict(),
-            "runtime": self.target.runtime,
-            "precision": precision,
-            "requested_precision": self.cfg.precision,
-            "graphs": {"model": lowered.meta["files"]["model"]},
-            "io": io,
-            "preprocessing": shipped,
-            "validation": {**TOLERANCES[precision], "held_out": validated.meta},
-            "lowering": lowered.meta["report"],
-            "latency": latency.meta
-            if latency
-            else {"where": "not measurable on this machine; run `edgepipe bench` on the device"},
+            source_model={"path": str(self.checkpoint), "hash": self.ckpt_hash, "model_type": self.model_type},
+            graphs={"model": best.lowered.meta["files"]["model"]},
+            io=io,
+            preprocessing=shipped,
             # The checkpoint itself is the teacher: fidelity is the artifact vs transformers in PyTorch.
-            "fidelity": {"teacher": {"mean_cosine": 1.0, "min_cosine": 1.0}, "lowered": fid, "lowered_vs_pytorch": fid},
-            "stages": self.records,
-            "versions": self.versions,
-        }
+            fidelity={"teacher": {"mean_cosine": 1.0, "min_cosine": 1.0}, "lowered": fid, "lowered_vs_pytorch": fid},
+        )
 
 
 def _et_method(path: Path):
@@ -926,7 +803,7 @@ def _et_run(method, feeds: dict[str, np.ndarray], names: list[str]) -> np.ndarra
     return method.execute([torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names])[0].numpy()
 
 
-def build_foreign(cfg: RunConfig, route: Route, checkpoint: Path, cache: StageCache, progress: Progress):
+def build_optimum(cfg: RunConfig, route: Route, checkpoint: Path, cache: StageCache, progress: Progress) -> Bundle:
     """Build ``cfg`` for a checkpoint edgepipe does not re-implement, through Optimum.
 
     Raises:
@@ -934,4 +811,4 @@ def build_foreign(cfg: RunConfig, route: Route, checkpoint: Path, cache: StageCa
         BuildError: An unsupported architecture/target pair (one line naming both and what works), an export
             failure, or a fidelity budget no fallback plan meets.
     """
-    return _ForeignBuild(cfg, route, checkpoint, cache, progress).run()
+    return OptimumBuild(cfg, route, checkpoint, cache, progress).run()

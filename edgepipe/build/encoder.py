@@ -1,0 +1,285 @@
+"""The encoder recipe: teacher -> (distill) -> lower -> validate -> latency -> bundle, each stage cached.
+
+Sentence encoders (edgepipe's own BERT re-implementation, ``models.transformer``) judged by the cosine of their
+embeddings to the teacher's on held-back text. The stages are plain functions (``stages/``); this module wires them
+through ``build.driver.Build``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgepipe.build.driver import Attempt, Build, Bundle, time_session
+from edgepipe.cache import StageCache, StageResult, checkpoint_hash, digest
+from edgepipe.config import RunConfig, resolve_data_file, resolve_teacher
+from edgepipe.data import batches, encode, load_tokenizer, read_sentences
+from edgepipe.errors import ModelError
+from edgepipe.manifest import sha256_file
+from edgepipe.progress import Progress
+from edgepipe.runtimes import QuantInputs, get_runtime
+from edgepipe.stages.distill import distill, load_student, training_precision
+from edgepipe.stages.validate import compare, embed_session, embed_torch
+
+CHECK_SENTENCES = 8
+VALIDATE_BATCH = 32
+LATENCY_SEQ = 128
+IO = {
+    "inputs": [
+        {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
+        {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "seq"]},
+    ],
+    "outputs": [{"name": "sentence_embedding", "dtype": "float32", "shape": ["batch", "dim"]}],
+}
+
+
+class EncoderBuild:
+    """One encoder build: the teacher (loaded once, lazily), its tokenizer and the driver's stage records."""
+
+    def __init__(self, cfg: RunConfig, cache: StageCache, progress: Progress, route: dict) -> None:
+        self.build = Build(cfg, cache, progress)
+        self.cfg, self.recipe, self.target, self.route = cfg, cfg.recipe, cfg.target, route
+        self.teacher_dir = resolve_teacher(self.recipe)
+        self.tokenizer_path = self.teacher_dir / "tokenizer.json"
+        if not self.tokenizer_path.is_file():
+            raise ModelError(
+                f"'{self.teacher_dir}' has no tokenizer.json.", hint="Ship the fast tokenizer's tokenizer.json."
+            )
+        self.teacher_hash = checkpoint_hash(self.teacher_dir)
+        self.tok = load_tokenizer(self.tokenizer_path, self.recipe.validate.max_len)
+        v = self.recipe.validate
+        self.held_out = {
+            "data": v.data,
+            "sha256": sha256_file(resolve_data_file(v.data)),
+            "samples": v.samples,
+            "max_len": v.max_len,
+        }
+        self._teacher = None
+
+    def teacher(self):
+        if self._teacher is None:
+            from edgepipe.models.hf import load_encoder
+
+            self._teacher = load_encoder(self.teacher_dir)
+        return self._teacher
+
+    def validation_batches(self) -> list[dict[str, np.ndarray]]:
+        v = self.recipe.validate
+        return list(batches(self.tok, read_sentences(v.data, v.samples), VALIDATE_BATCH))
+
+    # -- the build ----------------------------------------------------------------------------------------------
+    def run(self) -> Bundle:
+        teacher_emb = self.reference()
+        model_stage = self.student_stage(teacher_emb) if self.recipe.student else None
+        model_hash = model_stage.key if model_stage else self.teacher_hash
+        model_loader = (lambda: load_student(model_stage.dir)) if model_stage else self.teacher
+        # The unquantized model's own held-back embeddings: the reference a quantized artifact is judged against.
+        model_ref = np.load(model_stage.dir / "held_out.npy") if model_stage else teacher_emb
+
+        def attempt(precision: str) -> Attempt:
+            lowered = self.lower_stage(model_hash, model_loader, model_ref, precision)
+            validated = self.validate_stage(lowered, model_ref, teacher_emb, precision)
+            vs_pytorch = validated.meta["vs_pytorch"]
+            return Attempt(precision, lowered, validated, 1.0 - vs_pytorch["mean_cosine"] if vs_pytorch else 0.0)
+
+        best = self.build.fit_precision(
+            attempt, self.target.precisions, "encoder", "mean cosine vs the unquantized model on held-back text"
+        )
+        v = self.recipe.validate
+        vs_teacher = best.validated.meta["vs_teacher"]["mean_cosine"]
+        if vs_teacher < v.min_cosine:
+            self.build.progress.note(
+                f"held-back mean cosine vs the teacher is {vs_teacher:.4f}, below the recipe's bar {v.min_cosine} "
+                "(validate.min_cosine): more distill.steps or a wider student would close it"
+            )
+        latency = self.latency_stage(best.lowered)
+        return self.write_bundle(best, latency, model_loader)
+
+    def reference(self) -> np.ndarray:
+        """The teacher's held-back embeddings (cached): what every bundle's fidelity is measured against."""
+
+        def run(out: Path) -> dict:
+            np.save(out / "teacher.npy", embed_torch(self.teacher(), self.validation_batches()))
+            return {"sentences": self.recipe.validate.samples}
+
+        payload = {"teacher": self.teacher_hash, "held_out": self.held_out}
+        ref = self.build.stage("reference", payload, run, "teacher on held-back text")
+        return np.load(ref.dir / "teacher.npy")
+
+    def student_payload(self) -> dict:
+        """The distill stage's cache payload: teacher, student shape, recipe, data and training arithmetic."""
+        recipe = self.recipe
+        d = recipe.distill
+        data_sha = sha256_file(resolve_data_file(d.data))
+        precision = training_precision(d, recipe.student.attention)  # "auto" differs by CPU
+        n = d.sentences or d.steps * d.batch_size
+        # The teacher's targets serve any student of this (teacher, data, precision); 2: every layer is pooled.
+        targets_key = digest([self.teacher_hash, data_sha, d.max_len, n, d.seed, d.token_weight > 0, 2, precision])
+        return {
+            "teacher": self.teacher_hash,
+            "student": recipe.student.__dict__,
+            "distill": d.__dict__,
+            "data": data_sha,
+            "precision": precision,
+            "targets": targets_key,
+        }
+
+    def student_stage(self, teacher_emb: np.ndarray) -> StageResult:
+        recipe, d = self.recipe, self.recipe.distill
+        payload = self.student_payload()
+        targets_key = payload["targets"]
+
+        def run(out: Path) -> dict:
+            return distill(
+                self.teacher(),
+                recipe.student,
+                d,
+                out,
+                self.build.progress,
+                held_out=self.validation_batches(),
+                held_out_teacher=teacher_emb,
+                tokenizer_path=self.tokenizer_path,
+                targets_cache=self.build.cache.root / "teacher-targets" / f"{targets_key}.npz",
+            )
+
+        config = {"student": recipe.student.__dict__, **d.__dict__}
+        return self.build.stage("distill", payload, run, "distill student", config=config, resumable=True)
+
+    def lower_stage(self, model_hash: str, model_loader, model_ref: np.ndarray, precision: str) -> StageResult:
+        target, q = self.target, self.recipe.quantize
+        runtime = get_runtime(target.runtime)
+        calib_sentences = read_sentences(q.calibration, q.samples)
+        example = encode(self.tok, calib_sentences[:2])
+        payload = {
+            "model": model_hash,
+            "runtime": target.runtime,
+            "options": target.runtime_options,
+            "precision": precision,
+            "quantize": q.__dict__,
+            "calibration": sha256_file(resolve_data_file(q.calibration)),
+        }
+
+        def run(out: Path) -> dict:
+            quant = QuantInputs(
+                calibration=list(
+                    batches(load_tokenizer(self.tokenizer_path, q.max_len), calib_sentences, VALIDATE_BATCH)
+                ),
+                held_out=self.validation_batches(),
+                reference=model_ref,
+                config=q,
+            )
+            lowered = runtime.lower_encoder(model_loader(), example, target, precision, out, quant)
+            return {
+                "files": {role: p.name for role, p in lowered.files.items()},
+                "report": lowered.report,
+                "bytes": sum(p.stat().st_size for p in lowered.files.values()),
+            }
+
+        return self.build.stage("lower", payload, run, f"lower to {target.runtime} ({precision})")
+
+    def validate_stage(self, lowered, model_ref, teacher_emb, precision) -> StageResult:
+        runtime = get_runtime(self.target.runtime)
+        runnable, why = runtime.can_run_here(self.target)
+        artifact = lowered.dir / lowered.meta["files"]["model"]
+        payload = {"artifact": lowered.key, "held_out": self.held_out, "runnable": runnable}
+
+        def run(out: Path) -> dict:
+            proxy = lowered.meta["report"].get("proxy")
+            if not runnable and proxy:  # the lowering ran the artifact's numerics in a proxy (Ethos-U: TOSA reference)
+                outputs = np.load(lowered.dir / proxy["outputs"])
+                n = len(outputs)
+                return {
+                    "runtime": proxy["runtime"],
+                    "where": why,
+                    "samples": n,
+                    "vs_pytorch": compare(outputs, model_ref[:n]),
+                    "vs_teacher": compare(outputs, teacher_emb[:n]),
+                }
+            if not runnable:  # judged in PyTorch only; the device run (`edgepipe bench`) checks the artifact
+                return {
+                    "runtime": "not run here",
+                    "why": why,
+                    "vs_pytorch": None,
+                    "vs_teacher": compare(model_ref, teacher_emb),
+                }
+            outputs = embed_session(runtime.load(artifact, self.target), self.validation_batches())
+            return {
+                "runtime": self.target.runtime,
+                "where": why,
+                "vs_pytorch": compare(outputs, model_ref),
+                "vs_teacher": compare(outputs, teacher_emb),
+            }
+
+        return self.build.stage(
+            "validate",
+            payload,
+            run,
+            f"validate in {self.target.runtime}",
+            config={"held_out": self.held_out, "precision": precision},
+        )
+
+    def latency_stage(self, lowered: StageResult) -> StageResult | None:
+        def run(out: Path) -> dict:
+            runtime = get_runtime(self.target.runtime)
+            session = runtime.load(lowered.dir / lowered.meta["files"]["model"], self.target)
+            ids = encode(self.tok, read_sentences(self.recipe.validate.data, 8))["input_ids"].ravel()
+            ids = np.resize(ids, (1, LATENCY_SEQ))
+            feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((1, LATENCY_SEQ), np.int64)}
+            return {"shape": [1, LATENCY_SEQ], **time_session(session, feeds)}
+
+        return self.build.latency({"artifact": lowered.key, "shape": [1, LATENCY_SEQ]}, run)
+
+    def write_bundle(self, best: Attempt, latency: StageResult | None, model_loader) -> Bundle:
+        lowered = best.lowered
+        files = {name: lowered.dir / name for name in lowered.meta["files"].values()}
+        files["tokenizer.json"] = self.tokenizer_path
+
+        def write_check(tmp: Path) -> None:
+            check = encode(self.tok, read_sentences(self.recipe.validate.data, CHECK_SENTENCES))
+            expected = embed_torch(model_loader(), [check])
+            np.savez(
+                tmp / "check.npz",
+                **{f"input.{k}": v for k, v in check.items()},
+                **{"output.sentence_embedding": expected},
+            )
+
+        return self.build.write_bundle(files, self.manifest(best, latency), write_check)
+
+    def manifest(self, best: Attempt, latency: StageResult | None) -> dict:
+        fidelity = {"teacher": {"mean_cosine": 1.0, "min_cosine": 1.0}}
+        for rec in self.build.records:
+            if rec["stage"] == "distill":  # cut (and mixer swapped) from the teacher, then trained
+                if rec["metrics"].get("held_out_before"):
+                    fidelity["initialised"] = rec["metrics"]["held_out_before"]
+                fidelity["student"] = rec["metrics"].get("held_out")
+        fidelity["lowered"] = best.validated.meta["vs_teacher"]
+        fidelity["lowered_vs_pytorch"] = best.validated.meta["vs_pytorch"]
+        fidelity["bar"] = {"min_mean_cosine": self.recipe.validate.min_cosine}
+        fidelity["meets_bar"] = fidelity["lowered"]["mean_cosine"] >= self.recipe.validate.min_cosine
+        return self.build.manifest(
+            kind=self.recipe.kind,
+            family="encoder",
+            best=best,
+            latency=latency,
+            route=self.route,
+            source_model={"path": str(self.teacher_dir), "hash": self.teacher_hash},
+            graphs={"model": best.lowered.meta["files"]["model"]},
+            io=IO,
+            fidelity=fidelity,
+        )
+
+
+def build_encoder(cfg: RunConfig, cache: StageCache, progress: Progress, route: dict) -> Bundle:
+    """Build an encoder bundle for ``cfg`` (see the module docstring)."""
+    return EncoderBuild(cfg, cache, progress, route).run()
+
+
+def cached_student(cfg: RunConfig, cache: StageCache | None = None):
+    """The student a build of ``cfg``'s recipe has already distilled, loaded; None when no build made it yet.
+
+    For benchmarks that compare runtimes on the shipped student without training one.
+    """
+    cache = cache or StageCache()
+    entry = cache.lookup("distill", EncoderBuild(cfg, cache, Progress(quiet=True), {}).student_payload())
+    return load_student(entry) if entry else None
