@@ -56,7 +56,7 @@ def check_bundle(path: Path) -> CheckReport:
     path = Path(path)
     manifest = open_bundle(path)
     runtime = get_runtime(manifest["runtime"])
-    target = Target(**manifest["target"])
+    target = Target.from_dict(manifest["target"])
     runnable, why = runtime.can_run_here(target)
     if not runnable:
         raise BundleError(
@@ -136,7 +136,7 @@ def text_fidelity(
             hint="Pass the bundle's own teacher with --teacher.",
         )
     runtime = get_runtime(manifest["runtime"])
-    target = Target(**manifest["target"])
+    target = Target.from_dict(manifest["target"])
     runnable, why = runtime.can_run_here(target)
     if not runnable:
         raise BundleError(f"Bundle {path} cannot run on this machine: {why}.", hint="Build it for --target host-cpu.")
@@ -195,7 +195,7 @@ def generate(path: Path, prompt: str, max_new_tokens: int = 32, threads: int | N
             hint="Build one: edgepipe build --model tinylm-teacher",
         )
     runtime = get_runtime(manifest["runtime"])
-    runnable, why = runtime.can_run_here(Target(**manifest["target"]))
+    runnable, why = runtime.can_run_here(Target.from_dict(manifest["target"]))
     if not runnable:
         raise BundleError(f"Bundle {path} cannot run on this machine: {why}.", hint="Build it for --target host-cpu.")
     if not (path / "tokenizer.json").is_file():

@@ -79,6 +79,47 @@ class _Fields:
 
 
 @dataclass(frozen=True)
+class OnnxRuntimeOptions:
+    """The ``[onnxruntime]`` table of a target."""
+
+    providers: list = field(default_factory=lambda: ["CPUExecutionProvider"])
+    fuse: bool = True  # ORT's transformer fusions (Attention, SkipLayerNormalization, BiasGelu)
+
+
+@dataclass(frozen=True)
+class ExecuTorchOptions:
+    """The ``[executorch]`` table of a target."""
+
+    backend: str = field(default="xnnpack", metadata={"choices": ("xnnpack", "ethos-u", "coreml", "portable")})
+    seq_len: int = 128  # static sequence length of backends that need one (Ethos-U, Core ML)
+    npu: str | None = None  # Ethos-U: the Vela accelerator config (default: the target's name)
+    system_config: str | None = None  # Ethos-U: a section of the vela.ini shipped with ExecuTorch
+    memory_mode: str | None = None
+    vela_flags: list = field(default_factory=list)
+    full_delegation: bool = False  # every op on the NPU, or the build fails
+    minimum_deployment_target: str = "iOS17"  # Core ML
+    compute_unit: str = "ALL"  # Core ML: ALL, CPU_AND_NE, CPU_AND_GPU, CPU_ONLY
+
+
+@dataclass(frozen=True)
+class TensorRTOptions:
+    """The ``[tensorrt]`` table of a target; engines are always built on the device (build_engine.py)."""
+
+    workspace_mb: int = 1024  # builder scratch
+    builder_optimization_level: int = 3
+    batch: list = field(default_factory=lambda: [1, 1, 8])  # optimisation profile: min, opt, max
+    seq: list | None = None  # min, opt, max; None: [1, 128, the model's max positions]
+    polygraphy_lint: bool = True  # polygraphy's per-node lint at build time (slow on large graphs)
+
+
+RUNTIME_OPTIONS: dict[str, type] = {
+    "onnxruntime": OnnxRuntimeOptions,
+    "executorch": ExecuTorchOptions,
+    "tensorrt": TensorRTOptions,
+}
+
+
+@dataclass(frozen=True)
 class Target:
     """A deployment target: which runtime lowers the model, at which default precision, on what hardware."""
 
@@ -88,9 +129,7 @@ class Target:
     precision: str
     precisions: tuple[str, ...]
     hardware: dict = field(default_factory=dict)
-    runtime_options: dict = field(default_factory=dict)  # the [onnxruntime] / [executorch] / [tensorrt] table
-    deploy: dict = field(default_factory=dict)
-    latency: dict = field(default_factory=dict)
+    runtime_options: Any = None  # the runtime's table: one of RUNTIME_OPTIONS' dataclasses
     # [quantize]: recipe quantize settings this target imposes (e.g. the fidelity budget an integer-only NPU can
     # meet); a --set quantize.<key> still wins
     quantize: dict = field(default_factory=dict)
@@ -99,6 +138,31 @@ class Target:
     @property
     def arch(self) -> str:
         return self.hardware.get("arch", "")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Target:
+        """The target a manifest records (``to_dict``).
+
+        Raises:
+            UsageError: The record is not one edgepipe writes (unknown or missing keys, an unknown runtime table).
+        """
+        data = {k: v for k, v in data.items() if k not in ("deploy", "latency")}  # dropped in 0.2: never read
+        try:
+            options = RUNTIME_OPTIONS.get(data.get("runtime"))
+            raw = data.get("runtime_options") or {}
+            data["runtime_options"] = options(**raw) if options else None
+            data["precisions"] = tuple(data.get("precisions", ()))
+            return cls(**data)
+        except (TypeError, AttributeError) as exc:
+            raise UsageError(
+                f"The manifest's target record is not one edgepipe writes ({exc}).",
+                hint="Rebuild the bundle with this edgepipe version.",
+            ) from None
+
+    @property
+    def options(self) -> dict:
+        """The runtime table as plain data (cache payloads, the manifest)."""
+        return asdict(self.runtime_options) if self.runtime_options is not None else {}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -117,9 +181,8 @@ def _target_from_dict(name: str, data: dict, source: str) -> Target:
     if precision and precisions and precision not in precisions:
         problems.append(f"'precision' = {precision!r} is not in this target's 'precisions' {precisions}")
     hardware = f.get("hardware", dict, {})
-    runtime_options = f.get(runtime, dict, {}) if runtime else {}
-    deploy = f.get("deploy", dict, {})
-    latency = f.get("latency", dict, {})
+    options = RUNTIME_OPTIONS.get(runtime)
+    runtime_options = _dataclass_from_table(options, f.table(runtime)) if options else None
     quantize = f.get("quantize", dict, {})
     bad = sorted(set(quantize) - {x.name for x in fields(QuantizeConfig)})
     if bad:
@@ -135,8 +198,6 @@ def _target_from_dict(name: str, data: dict, source: str) -> Target:
         precisions=tuple(precisions),
         hardware=hardware,
         runtime_options=runtime_options,
-        deploy=deploy,
-        latency=latency,
         quantize=quantize,
         path=source,
     )
@@ -464,7 +525,7 @@ def _kind(default: Any) -> type | tuple[type, ...]:
 def _dataclass_from_table(cls: type, f: _Fields) -> Any:
     kwargs = {}
     for name, fld in cls.__dataclass_fields__.items():
-        default = fld.default
+        default = fld.default_factory() if fld.default_factory is not MISSING else fld.default
         value = f.get(name, _kind(default), default, choices=fld.metadata.get("choices"))
         if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:  # steps, rates, sizes, bars
             f.problems.append(f"'{f.where}{name}' = {value} must be >= 0")

@@ -157,7 +157,9 @@ def test_check_delegation_names_op_layer_and_target_when_a_mixer_op_stays_on_the
     target = load_target("ethos-u85-256")
     with pytest.raises(BuildError, match=r"aten\.bmm\.default in layers\.1\.mixer .*ethos-u85-256.*full delegation"):
         et.check_delegation(delegation, target, "ethos-u")
-    relaxed = dataclasses.replace(target, runtime_options={**target.runtime_options, "full_delegation": False})
+    relaxed = dataclasses.replace(
+        target, runtime_options=dataclasses.replace(target.runtime_options, full_delegation=False)
+    )
     et.check_delegation(delegation, relaxed, "ethos-u")  # CPU fallback accepted: no error
 
 
@@ -223,7 +225,9 @@ def test_windowed_attention_lowers_with_seq_a_multiple_of_the_window(tmp_path, t
 # -- Ethos-U (the ethos-u extra) --------------------------------------------------------------------------------------
 def _short(name: str, seq: int = 32, **options):
     target = load_target(name)
-    return dataclasses.replace(target, runtime_options={**target.runtime_options, "seq_len": seq, **options})
+    return dataclasses.replace(
+        target, runtime_options=dataclasses.replace(target.runtime_options, seq_len=seq, **options)
+    )
 
 
 @pytest.fixture(scope="module")

@@ -49,7 +49,9 @@ def lowered(tmp_path_factory, data):
 
 def _no_lint(target):
     """The target without polygraphy's node-by-node lint (~10 s here), which has a test of its own."""
-    return dataclasses.replace(target, runtime_options={**target.runtime_options, "polygraphy_lint": False})
+    return dataclasses.replace(
+        target, runtime_options=dataclasses.replace(target.runtime_options, polygraphy_lint=False)
+    )
 
 
 @pytest.fixture
@@ -231,7 +233,7 @@ def test_build_plan_sets_flags_per_precision_and_rejects_bad_profiles():
     assert trt_rt.build_plan(target, "fp32", 512, {})["flags"] == {"int8": False, "fp16": False, "tf32": False}
     plan = trt_rt.build_plan(target, "int8-fp16", 256, {})
     assert plan["profiles"][0]["attention_mask"] == {"min": [1, 1], "opt": [8, 128], "max": [64, 256]}
-    bad = dataclasses.replace(target, runtime_options={"seq": [128, 1, 512]})
+    bad = dataclasses.replace(target, runtime_options=dataclasses.replace(target.runtime_options, seq=[128, 1, 512]))
     with pytest.raises(BuildError, match=r"\[tensorrt\].seq = \[128, 1, 512\] must satisfy min <= opt <= max"):
         trt_rt.build_plan(bad, "fp16", 512, {})
 

@@ -111,7 +111,7 @@ class DecoderBuild:
         self.build = Build(cfg, cache, progress)
         self.cfg, self.recipe, self.target, self.route, self.progress = cfg, cfg.recipe, cfg.target, route, progress
         self.tables = cfg.recipe.decoder
-        backend = self.target.runtime_options.get("backend", "xnnpack")
+        backend = getattr(self.target.runtime_options, "backend", None)
         if self.target.runtime == "executorch" and backend != "xnnpack":
             raise UsageError(
                 f"Target {self.target.name} lowers through ExecuTorch's {backend} backend; decoder bundles lower "
@@ -255,7 +255,7 @@ class DecoderBuild:
         payload = {
             "model": model_hash,
             "runtime": target.runtime,
-            "options": target.runtime_options,
+            "options": target.options,
             "precision": precision,
             "kv_cache": kv,
             "calibration": {"data": quant.calibration, "method": quant.method} if static else None,

@@ -154,7 +154,7 @@ class EncoderBuild:
         payload = {
             "model": model_hash,
             "runtime": target.runtime,
-            "options": target.runtime_options,
+            "options": target.options,
             "precision": precision,
             "quantize": q.__dict__,
             "calibration": sha256_file(resolve_data_file(q.calibration)),

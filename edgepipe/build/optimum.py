@@ -512,7 +512,7 @@ class OptimumBuild:
         payload = {
             "export": export.key,
             "runtime": target.runtime,
-            "options": target.runtime_options,
+            "options": target.options,
             "precision": precision,
             "quantize": q.__dict__ if static else None,
         }
@@ -586,8 +586,8 @@ class OptimumBuild:
     def _trt_profile(self, io: dict, max_positions: int) -> dict:
         """One optimisation profile over the export's own inputs: batch and seq from the target, the rest fixed."""
         opts = self.target.runtime_options
-        batch = opts.get("batch", [1, 1, 8])
-        seq = [min(s, max_positions) for s in opts.get("seq", [1, 128, max_positions])]
+        batch = opts.batch
+        seq = [min(s, max_positions) for s in opts.seq or [1, 128, max_positions]]
         profile = {}
         for rec in io["inputs"]:
             shapes = {}
@@ -645,7 +645,7 @@ class OptimumBuild:
             raise self.unsupported(
                 f"optimum-executorch exports tasks {', '.join(works)} (use --task) or build for host-cpu"
             )
-        backend = self.target.runtime_options.get("backend", "xnnpack")
+        backend = self.target.runtime_options.backend
         if backend not in ET_RECIPES:
             raise self.unsupported(f"optimum-executorch recipes here: {', '.join(ET_RECIPES)}")
         plans = ["fp32"] if self.task == "image-classification" else ["fp32", *ET_QLINEAR]

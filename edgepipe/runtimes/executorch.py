@@ -76,7 +76,7 @@ def precisions(target: Target | None = None) -> tuple[str, ...]:
 
 def backend_of(target: Target | None) -> str:
     """The target's delegate: ``[executorch] backend``, default xnnpack."""
-    backend = target.runtime_options.get("backend", "xnnpack") if target else "xnnpack"
+    backend = target.runtime_options.backend if target else "xnnpack"
     if backend not in BACKEND_PRECISIONS:
         raise BuildError(
             f"Target {target.name}: [executorch] backend = '{backend}' is unknown; "
@@ -232,13 +232,13 @@ def _lower_coreml(model, example, target, precision, out_dir) -> dict:
     from executorch.backends.apple.coreml.partition import CoreMLPartitioner
 
     opts = target.runtime_options
-    seq = int(opts.get("seq_len", 128))
+    seq = opts.seq_len
     ids, mask = _pad_rows(example, seq, rows=1)
     ep = _export_static(model, (ids, mask), target)
     specs = CoreMLBackend.generate_compile_specs(
-        minimum_deployment_target=getattr(ct.target, opts.get("minimum_deployment_target", "iOS17")),
+        minimum_deployment_target=getattr(ct.target, opts.minimum_deployment_target),
         compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
-        compute_unit=getattr(ct.ComputeUnit, opts.get("compute_unit", "ALL")),
+        compute_unit=getattr(ct.ComputeUnit, opts.compute_unit),
     )
     consts = {"seq_multiple_of": 1, "max_batch": 1, "max_seq": seq, "static_seq": seq}
     edge = _to_backend(ep, [CoreMLPartitioner(compile_specs=specs)], consts, target)
@@ -657,7 +657,7 @@ def check_delegation(delegation: dict, target: Target, backend: str) -> None:
     Raises:
         BuildError: One line naming the op, the layer and the target, and the fallback.
     """
-    if not target.runtime_options.get("full_delegation", False):
+    if not target.runtime_options.full_delegation:
         return
     for op, path in delegation["outside_at"]:
         if ".mixer" in f".{path}" or path.startswith("mixer"):
@@ -753,14 +753,14 @@ def _lower_ethos(model, example, target, precision, out_dir, quant) -> dict:
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     opts = target.runtime_options
-    npu_name, seq = opts.get("npu", target.name), int(opts.get("seq_len", 128))
+    npu_name, seq = opts.npu or target.name, opts.seq_len
     work = out_dir / "vela"
     work.mkdir(exist_ok=True)
     spec = EthosUCompileSpec(
         npu_name,
-        system_config=opts.get("system_config"),
-        memory_mode=opts.get("memory_mode"),
-        extra_flags=list(opts.get("vela_flags", [])) or None,
+        system_config=opts.system_config,
+        memory_mode=opts.memory_mode,
+        extra_flags=list(opts.vela_flags) or None,
     )
     spec.dump_intermediate_artifacts_to(str(work))
     npu_model = _npu_form(model)

@@ -44,9 +44,7 @@ def precisions(target: Target | None = None) -> tuple[str, ...]:
 
 def can_run_here(target: Target | None) -> tuple[bool, str]:
     """ORT CPU graphs are portable: a graph for an aarch64 CPU validates here as a numeric proxy."""
-    providers = (
-        target.runtime_options.get("providers", ["CPUExecutionProvider"]) if target else ["CPUExecutionProvider"]
-    )
+    providers = target.runtime_options.providers if target else ["CPUExecutionProvider"]
     missing = [p for p in providers if p not in ort.get_available_providers()]
     if missing:
         return False, f"{', '.join(missing)} not available here"
@@ -164,7 +162,7 @@ def lower_encoder(
     export_onnx(model, inputs, fp32_path, ["input_ids", "attention_mask"], ["sentence_embedding"], axes)
     report: dict = {"exporter": f"torch.onnx (TorchScript) opset {OPSET}"}
     static = precision in STATIC
-    if target.runtime_options.get("fuse", True):
+    if target.runtime_options.fuse:
         width = model.cfg.attention_width  # ORT's hidden_size is the attention's heads x head dim
         report["fused_ops"] = fuse_for_ort(fp32_path, model.cfg.heads, width, attention=not static)
         if static:
@@ -263,7 +261,7 @@ def ort_qdq_flavor(target: Target | None) -> QdqFlavor:
     weights avoid that at the cost of a bit) and its S8S8 path gives wrong results; u8 x u8 takes a non-saturating
     path and keeps all 8 weight bits, so it is the choice there.
     """
-    providers = (target.runtime_options.get("providers") if target else None) or ["CPUExecutionProvider"]
+    providers = (target.runtime_options.providers if target else None) or ["CPUExecutionProvider"]
     cpu_only = all(p == "CPUExecutionProvider" for p in providers)
     vnni = cpu_has_vnni()
     return QdqFlavor(
@@ -526,5 +524,5 @@ class OrtSession:
 
 
 def load(artifact: Path, target: Target | None = None, threads: int | None = None) -> OrtSession:
-    providers = target.runtime_options.get("providers") if target else None
+    providers = target.runtime_options.providers if target else None
     return OrtSession(artifact, providers, threads)

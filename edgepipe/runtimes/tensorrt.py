@@ -152,9 +152,7 @@ def lower_encoder(
         report["precision"] = precision
         if precision == "fp16":
             report["note"] = "fp16 is TensorRT's FP16 builder flag; model.onnx stays fp32 (the proxy runs fp32)"
-    lint = (
-        True if target.runtime_options.get("polygraphy_lint", True) else "skipped ([tensorrt].polygraphy_lint = false)"
-    )
+    lint = True if target.runtime_options.polygraphy_lint else "skipped ([tensorrt].polygraphy_lint = false)"
     files = check_and_plan(
         target,
         {"model": path},
@@ -239,8 +237,8 @@ def decoder_plan(target: Target, precision: str, graphs: dict[str, Path]) -> dic
         "engines": [{"graph": g, "onnx": p.name, "engine": f"{g}.plan"} for g, p in graphs.items()],
         # Q/DQ graphs are explicitly quantized: INT8 lets TensorRT use their scales, FP16 runs everything else.
         "flags": {"int8": precision in STATIC, "fp16": precision in ("fp16", *STATIC), "tf32": precision != "fp32"},
-        "workspace_mb": int(opts.get("workspace_mb", 1024)),
-        "builder_optimization_level": int(opts.get("builder_optimization_level", 3)),
+        "workspace_mb": opts.workspace_mb,
+        "builder_optimization_level": opts.builder_optimization_level,
         "profiles": [],  # static shapes: no optimisation profile
         "min_tensorrt": "8.6",
         "check": {"note": "decoders are checked by runner.py (edgepipe bench): greedy tokens vs check.npz"},
@@ -251,8 +249,8 @@ def decoder_plan(target: Target, precision: str, graphs: dict[str, Path]) -> dic
 def build_plan(target: Target, precision: str, max_positions: int, report: dict) -> dict:
     """What build_engine.py needs: files, builder flags, one optimisation profile, workspace, check tolerances."""
     opts = target.runtime_options
-    batch = _triple(opts.get("batch", [1, 1, 8]), "batch", target)
-    seq = _triple(opts.get("seq", [1, 128, max_positions]), "seq", target)
+    batch = _triple(opts.batch, "batch", target)
+    seq = _triple(opts.seq or [1, 128, max_positions], "seq", target)
     seq = [min(s, max_positions) for s in seq]
     shapes = {k: [int(b), int(s)] for k, b, s in zip(("min", "opt", "max"), batch, seq)}
     static = precision in STATIC
@@ -264,8 +262,8 @@ def build_plan(target: Target, precision: str, max_positions: int, report: dict)
         # Q/DQ graphs are explicitly quantized: INT8 lets TensorRT use the Q/DQ scales (it never calibrates), FP16
         # covers every layer left out of int8; TF32 stays off for fp32 so the engine keeps fp32 accuracy.
         "flags": {"int8": static, "fp16": precision != "fp32", "tf32": precision != "fp32"},
-        "workspace_mb": int(opts.get("workspace_mb", 1024)),
-        "builder_optimization_level": int(opts.get("builder_optimization_level", 3)),
+        "workspace_mb": opts.workspace_mb,
+        "builder_optimization_level": opts.builder_optimization_level,
         "profiles": [{"input_ids": shapes, "attention_mask": shapes}],
         "min_tensorrt": "8.6",
         "check": {
