@@ -1,4 +1,4 @@
-"""Real text in, token batches out: reading calibration_data/ splits and tokenizing them for encoders."""
+"""Real text in, tokens out: reading calibration_data/ splits, batches for encoders, packed streams for decoders."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from edgepipe.config import resolve_data_file
+from edgepipe.config import EOS, resolve_data_file
 from edgepipe.errors import ModelError
 
 
@@ -19,8 +19,9 @@ def read_sentences(name: str, limit: int | None = None) -> list[str]:
     return lines[:limit] if limit else lines
 
 
-def load_tokenizer(path: Path, max_len: int) -> Tokenizer:
-    """A fast tokenizer from ``tokenizer.json`` that truncates to ``max_len`` and pads each batch to its longest row.
+def load_tokenizer(path: Path, max_len: int | None = None) -> Tokenizer:
+    """A fast tokenizer from ``tokenizer.json``; for encoders (``max_len``) it truncates to ``max_len`` and pads each
+    batch to its longest row, for decoders (None) it is the file's own (token streams, no padding).
 
     Raises:
         ModelError: The file is missing or not a tokenizers JSON.
@@ -31,6 +32,8 @@ def load_tokenizer(path: Path, max_len: int) -> Tokenizer:
         raise ModelError(
             f"Cannot read tokenizer {path}: {exc}.", hint="Ship a fast tokenizer's tokenizer.json."
         ) from None
+    if max_len is None:
+        return tok
     pad_id = tok.token_to_id("[PAD]")
     tok.enable_truncation(max_length=max_len)
     tok.enable_padding(pad_id=0 if pad_id is None else pad_id, pad_token="[PAD]")
@@ -50,3 +53,16 @@ def batches(tok: Tokenizer, sentences: list[str], batch_size: int) -> Iterator[d
     """Tokenized batches in order; sentences of similar length are not regrouped, so outputs keep input order."""
     for i in range(0, len(sentences), batch_size):
         yield encode(tok, sentences[i : i + batch_size])
+
+
+def encode_text(tok: Tokenizer, sentences: list[str]) -> np.ndarray:
+    """One packed token stream: every sentence's ids followed by ``<|eos|>``; int64 (tokens,)."""
+    eos = tok.token_to_id(EOS)
+    parts = [np.array([*e.ids, eos], dtype=np.int64) for e in tok.encode_batch(sentences, add_special_tokens=False)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def windows(stream: np.ndarray, length: int) -> np.ndarray:
+    """Non-overlapping windows of ``length`` tokens, (n, length); the tail that does not fill one is dropped."""
+    n = len(stream) // length
+    return stream[: n * length].reshape(n, length)

@@ -26,12 +26,13 @@ import numpy as np
 
 from edgepipe.build.decoder import PREFILL_SKIP, decoder_facts, open_graphs
 from edgepipe.config import KVCacheConfig, load_target
+from edgepipe.data import load_tokenizer
 from edgepipe.models.hf_decoders import load_decoder
 from edgepipe.models.kv_cache import tiered_decoder
 from edgepipe.precisions import DECODER_PLANS
 from edgepipe.runtimes import get_runtime
 from edgepipe.runtimes.decoder_graphs import graph_io
-from edgepipe.stages.validate import EVAL_TOKENS, eval_windows, load_tokenizer, score_graphs, summarize
+from edgepipe.stages.validate import EVAL_TOKENS, eval_windows, score_graphs, summarize
 
 TARGETS = {"onnxruntime": "host-cpu", "executorch": "android-arm64"}
 

@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from edgepipe.data import read_sentences
+from edgepipe.data import encode_text, read_sentences
 from edgepipe.models.hf_decoders import load_decoder
 from edgepipe.models.kv_cache import QMAX, TieredDecoder, cache_bytes, calibrate_on_text, decode_memory, quantize
-from edgepipe.stages.pretrain import encode_text
 
 PREFILL = 64
 

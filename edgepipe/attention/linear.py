@@ -7,10 +7,11 @@
 over the keys ``j`` query ``i`` may see: all of them (bidirectional, one ``phi(K)ᵀ V`` product, cost linear in
 ``seq``) or ``j <= i`` (causal). The causal form is chunked: inside a chunk of ``c`` tokens a masked ``c x c``
 product, across chunks a prefix sum of the per-chunk states written as a matmul with a strictly lower
-triangular matrix (``cumsum`` is not delegated by XNNPACK, FACTS.md).
+triangular matrix (``cumsum`` is not delegated by XNNPACK, docs/architecture.md).
 
 The normaliser ``z`` is a GEMM with a column of ones (no ``sum``, which XNNPACK does not delegate). ``elu`` is
-not delegated either (FACTS.md); ``phi`` is written as ``relu(x) + exp(min(x, 0))``, exactly ``elu(x) + 1``.
+not delegated either (docs/architecture.md, "Toolchain constraints"); ``phi`` is written as
+``relu(x) + exp(min(x, 0))``, exactly ``elu(x) + 1``.
 
 Padded keys (``key_mask`` 0) get ``phi(k) = 0`` and so add nothing to ``S`` or ``z``. The causal form pads the
 sequence to whole chunks inside; for ``torch.export`` that means ``seq = chunk * Dim(...)`` like the blocked
@@ -23,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from edgepipe.attention.windowed import _known_equal  # sizes may be traced tensors (TorchScript ONNX exporter)
+from edgepipe.attention.windowed import known_equal  # sizes may be traced tensors (TorchScript ONNX exporter)
 
 EPS = 1e-6  # keeps rows whose keys are all padding at 0 instead of 0 / 0
 
@@ -74,7 +75,7 @@ def _causal_chunked(qf: Tensor, kf: Tensor, v: Tensor, c: int) -> tuple[Tensor, 
     dv = v.shape[-1]
     chunks = (n + c - 1) // c  # not -(-n // c): the ONNX exporter turns SymInt // into truncating Div
     pad = chunks * c - n
-    if not _known_equal(pad, 0):
+    if not known_equal(pad, 0):
         # Padded keys sit after every real query, so the causal mask already hides them.
         qf, kf, v = (torch.cat([t, t.new_zeros(b, h, pad, t.shape[-1])], dim=2) for t in (qf, kf, v))
     qc = qf.reshape(-1, c, d)  # (b*h*chunks, c, d)
@@ -94,7 +95,7 @@ def _causal_chunked(qf: Tensor, kf: Tensor, v: Tensor, c: int) -> tuple[Tensor, 
     num = num + torch.bmm(qc, _prefix(tri, torch.bmm(kt, vc), b * h))  # states (b*h*chunks, d, dv)
     den = den + torch.bmm(qc, _prefix(tri, torch.bmm(kt, ones), b * h))  # normaliser states (b*h*chunks, d, 1)
     num, den = num.reshape(b * h, -1, dv), den.reshape(b * h, -1, 1)
-    if _known_equal(pad, 0):
+    if known_equal(pad, 0):
         return num, den
     return num[:, :n], den[:, :n]
 

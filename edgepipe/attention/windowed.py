@@ -11,13 +11,13 @@ The sequence is cut into blocks of ``w`` queries. Every block attends to a span 
 Cost per query is ``2w`` keys instead of ``n``: the FLOP-ratio bound against full attention is ``n / 2w`` for the
 mixing alone. With ``w >= seq`` the span covers the whole sequence and the result equals full attention.
 
-The form is written for the runtimes we lower to (see FACTS.md, torch.export / ExecuTorch section):
+The form is written for the runtimes we lower to (docs/architecture.md, "Toolchain constraints"):
 plain slices (no select/split), explicit 3-D ``bmm`` with batch, heads and blocks folded together, padding by
 ``torch.cat`` with zeros (a quantized ``F.pad`` breaks static PT2E), at most 5-D tensors. The padding mask rides
 inside the QKᵀ GEMM as one extra feature column (queries get a 1, keys get 0 or a large negative), so there is
 no separate pass over the ``(blocks, w, 2w)`` score tensor for it: in ONNX Runtime that broadcast Add cost about
 as much as the QKᵀ GEMM itself. Keep the QKᵀ and attention·V GEMMs in float when quantizing (their inputs
-carry the mask column; quantizing them also collapses fidelity, FACTS.md).
+carry the mask column; quantizing them also collapses fidelity, docs/architecture.md).
 
 Dynamic sequence length: ONNX Runtime handles any length (the form pads inside). ``torch.export`` of a
 reshape-into-blocks form only succeeds for ``seq = w * Dim("blocks")`` (a free Dim fails on guards); the host
@@ -94,10 +94,10 @@ def windowed_attention(
     if causal:
         scores = scores + _causal_block_bias(w, q.dtype, q.device)
     out = torch.bmm(torch.softmax(scores, dim=-1), vb).reshape(b, h, -1, d)  # (b, h, blocks * w, d)
-    return out if _known_equal(n_pad, n) else out[:, :, :n]
+    return out if known_equal(n_pad, n) else out[:, :, :n]
 
 
-def _known_equal(a, b) -> bool:
+def known_equal(a, b) -> bool:
     """``a == b`` when known at trace time; False when unknown, e.g. traced tensor sizes under the TorchScript ONNX
     exporter (the caller then slices, which is a no-op when the sizes are equal)."""
     if isinstance(a, Tensor) or isinstance(b, Tensor):
@@ -108,10 +108,10 @@ def _known_equal(a, b) -> bool:
 def _pad_seq(x: Tensor, before: int, after: int) -> Tensor:
     """x: (b, h, n, c) -> (b, h, before + n + after, c) with zeros, by cat (never F.pad; see module docstring)."""
     parts = []
-    if not _known_equal(before, 0):
+    if not known_equal(before, 0):
         parts.append(x.new_zeros(x.shape[0], x.shape[1], before, x.shape[3]))
     parts.append(x)
-    if not _known_equal(after, 0):
+    if not known_equal(after, 0):
         parts.append(x.new_zeros(x.shape[0], x.shape[1], after, x.shape[3]))
     return torch.cat(parts, dim=2) if len(parts) > 1 else x
 

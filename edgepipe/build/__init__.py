@@ -8,11 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgepipe.build.decoder import build_decoder
 from edgepipe.build.driver import Bundle, writable_out
-from edgepipe.build.encoder import build_encoder
-from edgepipe.build.optimum import build_optimum
-from edgepipe.build.route import choose_route, decoder_route
 from edgepipe.cache import StageCache
 from edgepipe.config import RunConfig, resolve_teacher
 from edgepipe.progress import Progress
@@ -28,6 +24,12 @@ def build(
     Raises:
         EdgepipeError: Any user-facing failure (bad input, export, validation, fidelity budget).
     """
+    # The recipes import torch and their runtimes: only when a build runs, so `import edgepipe.build` stays light.
+    from edgepipe.build.decoder import build_decoder
+    from edgepipe.build.encoder import build_encoder
+    from edgepipe.build.optimum import build_optimum
+    from edgepipe.build.route import choose_route, decoder_route
+
     writable_out(cfg.out_dir)
     progress = progress or Progress(quiet=True)
     cache = StageCache(cache_root, force=force)

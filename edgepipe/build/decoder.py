@@ -245,8 +245,8 @@ class DecoderBuild:
     def lower_stage(self, model_hash: str, load_model, precision: str, tok, held: tuple) -> StageResult:
         """Lower both graphs; static INT8 plans are fitted to the fidelity budget on the held-back windows
         (``held``: windows, prefilled tokens, their record, the PyTorch model's top-1), as the encoders' are."""
+        from edgepipe.data import encode_text
         from edgepipe.models.decoder import generate
-        from edgepipe.stages.pretrain import encode_text
 
         target = self.target
         kv = asdict(self.tables.kv_cache) if precision == "a8w16" else {}

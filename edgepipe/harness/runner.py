@@ -117,7 +117,7 @@ def runtime_status(runtime: str) -> dict:
     missing, error = [], None
     for module in RUNTIME_MODULES[runtime]:
         try:
-            _executorch_runtime() if module == "executorch" else __import__(module)
+            executorch_runtime() if module == "executorch" else __import__(module)
         except ImportError as e:
             missing.append(PIP_NAMES.get(module, module))
             error = error or f"{module}: {e}"
@@ -226,7 +226,7 @@ class ExecuTorchSession:
     def __init__(self, path: str, manifest: dict, threads: int | None) -> None:
         import torch  # noqa: F401  (the pip binding needs libtorch loaded and torch tensors as inputs)
 
-        runtime = _executorch_runtime().get()
+        runtime = executorch_runtime().get()
         if threads:
             import executorch.extension.pybindings.portable_lib as binding
 
@@ -256,8 +256,9 @@ class ExecuTorchSession:
         return [o.detach().cpu().numpy() if hasattr(o, "numpy") else o for o in outputs]
 
 
-def _executorch_runtime():
-    """executorch.runtime.Runtime without importing executorch.exir, the whole exporter (~15 s here).
+def executorch_runtime():
+    """executorch.runtime.Runtime without importing executorch.exir, the whole exporter (~15 s here); the host's
+    ExecuTorch sessions (runtimes.executorch) use it too, so host and device load programs the same way.
 
     TODO(executorch>1.5.1): the pip binding (extension/pybindings/portable_lib.py) imports executorch.exir._warnings
     for one warning class, and that runs executorch/exir/__init__.py. Load _warnings.py alone under a stand-in
@@ -787,7 +788,8 @@ def _cpu() -> dict:
         "model": model,
         "cores_logical": os.cpu_count(),
         "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        # int8 speed depends on these (FACTS.md): VNNI on x86, dot-product / i8mm on Arm.
+        # int8 speed depends on these (docs/architecture.md, "Toolchain constraints"): VNNI on x86, dot-product and
+        # i8mm on Arm.
         "int8_flags": sorted(
             flags & {"avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "asimddp", "i8mm", "sve", "sve2"}
         ),

@@ -6,19 +6,8 @@ Training, perplexity and prefill run any attention form from ``edgepipe.attentio
 prefill chunk) against a state of fixed shape that goes in and comes back out as plain tensors, so every graph
 exports to ONNX and ExecuTorch without mutable buffers.
 
-Graph I/O contract (a decoder bundle holds a prefill and a decode graph; ``graph_io`` returns this as data)::
-
-    prefill:  input_ids  int64 (batch, seq)
-           -> logits     float32 (batch, seq, vocab)
-              <state>    float32, one tensor per kind, layers stacked on dim 0 (see below)
-    decode:   input_ids  int64 (batch, T)           T = 1 to generate
-              position   int64 (batch,)             position of input_ids[:, 0]: the prompt length on the first step
-              <state>                               from prefill / the previous call (``init_state()`` = empty)
-           -> logits     float32 (batch, T, vocab)
-              <state>_out                           same shapes, fed back into the next call
-
-State kinds (names in ``model.state_names``):
-
+The bundle's graph contract (prefill and decode graphs, their state I/O) is stated once, in
+``runtimes/decoder_graphs.py``. State kinds (names in ``model.state_names``):
 - ``full`` and ``windowed:W``: ``k_cache``, ``v_cache`` (layers, batch, kv_heads, cache_len, head_dim), keys after
   RoPE. The cache is a rolling window: slot ``cache_len - 1`` holds the newest token; a call attends over
   [cache, new tokens] and keeps the last ``cache_len`` of them, so the graph is one concat and one slice (XNNPACK
@@ -485,32 +474,3 @@ class DecodeGraph(nn.Module):
 
     def forward(self, input_ids: Tensor, position: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
         return tuple(self.model.step(input_ids, position, *state))
-
-
-def graph_io(model: CachedLM, batch: int = 1) -> dict[str, dict[str, list[dict]]]:
-    """The prefill/decode graphs' I/O as manifest data: ``{"prefill": {"inputs", "outputs"}, "decode": {...}}``.
-
-    Each entry is ``{"name", "dtype", "shape"}``; ``"seq"`` marks the dynamic prompt length.
-    """
-    state = [
-        {"name": name, "dtype": "float32", "shape": list(t.shape)}
-        for name, t in zip(model.state_names, model.init_state(batch), strict=True)
-    ]
-    vocab = model.lm_head.out_features
-    return {
-        "prefill": {
-            "inputs": [{"name": "input_ids", "dtype": "int64", "shape": [batch, "seq"]}],
-            "outputs": [{"name": "logits", "dtype": "float32", "shape": [batch, "seq", vocab]}, *state],
-        },
-        "decode": {
-            "inputs": [
-                {"name": "input_ids", "dtype": "int64", "shape": [batch, 1]},
-                {"name": "position", "dtype": "int64", "shape": [batch]},
-                *state,
-            ],
-            "outputs": [
-                {"name": "logits", "dtype": "float32", "shape": [batch, 1, vocab]},
-                *[{**s, "name": s["name"] + "_out"} for s in state],
-            ],
-        },
-    }

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from edgepipe.config import KVCacheConfig
-from edgepipe.data import read_sentences
+from edgepipe.data import encode_text, read_sentences, windows
 from edgepipe.errors import UsageError
 from edgepipe.models.decoder import DecoderLM, stack_layers
 
@@ -104,8 +104,6 @@ def calibrate_on_text(
     Raises:
         UsageError: The text gives no full window.
     """
-    from edgepipe.stages.pretrain import encode_text, windows
-
     wins = windows(encode_text(tok, sentences), seq_len)[:max_windows]
     return calibrate(model, [torch.from_numpy(wins[i : i + batch]) for i in range(0, len(wins), batch)])
 

@@ -11,7 +11,7 @@ The target's ``[executorch] backend`` picks the delegate:
   Needs the ``ethos-u`` extra (ethos-u-vela, tosa-tools).
 - ``coreml`` (apple-coreml): the Core ML delegate, lowered here, run only on Apple hardware.
 
-Precision plans (DESIGN.md) and how they are realised here:
+Precision plans (docs/architecture.md, edgepipe/precisions.py) and how they are realised here:
 
 - ``fp32``; ``fp16`` (weights and compute in fp16; token ids in, an fp32 embedding out, pooling in fp32).
 - ``int8-dynamic``: XNNPACK dynamic int8 Linears (int8 per-channel weights, activations quantized at run time).
@@ -22,7 +22,8 @@ Precision plans (DESIGN.md) and how they are realised here:
   which has no float, the higher-precision slot is a16w8 (int16 activations, int8 weights).
 
 Only Linears are annotated: QKᵀ / attention·V matmuls, softmax, LayerNorm and the residual adds stay in float on
-XNNPACK, because quantizing them collapses fidelity (FACTS.md: static int8 on everything ≈ 0.38 cosine).
+XNNPACK, because quantizing them collapses fidelity (static int8 on everything: ≈ 0.38 cosine; docs/architecture.md,
+"Toolchain constraints").
 """
 
 from __future__ import annotations
@@ -294,7 +295,8 @@ class Fp32LayerNorm(nn.Module):
 def seq_multiple(model: nn.Module) -> int:
     """The sequence length the exported graph needs a multiple of: the window of blocked attention, the SSD chunk.
 
-    FACTS.md: reshape-into-blocks forms export only for ``seq = w * Dim``; a free Dim fails on guards.
+    Reshape-into-blocks forms export only for ``seq = w * Dim``; a free Dim fails on guards (docs/architecture.md,
+    "Toolchain constraints").
     """
     multiple = 1
     for module in model.modules():
@@ -345,7 +347,8 @@ def _export(model, inputs, target, **kwargs):
     except Exception as exc:  # export raises many types; the first line names the guard or op
         raise BuildError(
             f"torch.export failed for {target.name}: {_first_line(exc)}",
-            hint="Run with --debug for the exporter's trace; FACTS.md lists the forms that export.",
+            hint="Run with --debug for the exporter's trace; the README's 'Attention forms at long sequences' lists "
+            "the forms that export.",
         ) from exc
 
 
@@ -966,9 +969,9 @@ class PteSession:
     """
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
-        from edgepipe.harness.runner import _executorch_runtime
+        from edgepipe.harness.runner import executorch_runtime
 
-        runtime = _executorch_runtime().get()
+        runtime = executorch_runtime().get()
         if threads:
             import executorch.extension.pybindings.portable_lib as binding
 

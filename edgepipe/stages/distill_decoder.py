@@ -32,11 +32,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edgepipe.config import DecoderConfig, DecoderDistillConfig, MambaConfig
-from edgepipe.data import read_sentences
+from edgepipe.data import encode_text, read_sentences, windows
 from edgepipe.errors import UsageError
 from edgepipe.models.decoder import DecoderLM
 from edgepipe.models.mamba import MambaLM
-from edgepipe.stages.pretrain import encode_text, train_steps, windows
+from edgepipe.stages.pretrain import train_steps
 
 EVAL_BATCH = 8
 

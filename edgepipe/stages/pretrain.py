@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from edgepipe.config import EOS, SPECIAL_TOKENS, DecoderConfig, PretrainConfig, load_recipe
-from edgepipe.data import read_sentences
+from edgepipe.config import SPECIAL_TOKENS, DecoderConfig, PretrainConfig, load_recipe
+from edgepipe.data import encode_text, read_sentences, windows
 from edgepipe.errors import UsageError
 from edgepipe.models.decoder import DecoderLM
 
@@ -60,19 +60,6 @@ def train_tokenizer(sentences: list[str], vocab_size: int) -> Tokenizer:
     )
     tok.train_from_iterator(sentences, trainer=trainer, length=len(sentences))
     return tok
-
-
-def encode_text(tok: Tokenizer, sentences: list[str]) -> np.ndarray:
-    """One packed token stream: every sentence's ids followed by ``<|eos|>``; int64 (tokens,)."""
-    eos = tok.token_to_id(EOS)
-    parts = [np.array([*e.ids, eos], dtype=np.int64) for e in tok.encode_batch(sentences, add_special_tokens=False)]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-
-
-def windows(stream: np.ndarray, length: int) -> np.ndarray:
-    """Non-overlapping windows of ``length`` tokens, (n, length); the tail that does not fill one is dropped."""
-    n = len(stream) // length
-    return stream[: n * length].reshape(n, length)
 
 
 def batch_indices(step: int, n_windows: int, batch_size: int, seed: int) -> np.ndarray:

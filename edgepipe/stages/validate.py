@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from edgepipe.data import read_sentences
+from edgepipe.data import encode_text, read_sentences, windows
 from edgepipe.errors import UsageError
 
 if TYPE_CHECKING:
@@ -56,16 +55,8 @@ def compare(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
 
 
 # -- decoders ---------------------------------------------------------------------------------------------
-def load_tokenizer(path: Path):
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(path))
-
-
 def eval_windows(tok, data: str, length: int, count: int = EVAL_WINDOWS) -> np.ndarray:
     """(count, length) int64 windows of the held-back split, sentences joined by ``<|eos|>``."""
-    from edgepipe.stages.pretrain import encode_text, windows
-
     wins = windows(encode_text(tok, read_sentences(data)), length)[:count]
     if len(wins) == 0:
         raise UsageError(

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from edgepipe.config import DecoderDistillConfig, PretrainConfig, load_recipe
-from edgepipe.data import read_sentences
+from edgepipe.data import encode_text, read_sentences
 from edgepipe.models.decoder import DecoderConfig, DecoderLM
 from edgepipe.models.hf_decoders import load_decoder
 from edgepipe.models.mamba import MambaLM
 from edgepipe.progress import Progress
 from edgepipe.stages.distill_decoder import distill_decoder, evaluate, init_student
-from edgepipe.stages.pretrain import encode_text, pretrain
+from edgepipe.stages.pretrain import pretrain
 
 TRAIN = read_sentences("train.txt", 1500)
 HELD = read_sentences("validation.txt", 60)

@@ -20,8 +20,8 @@ from edgepipe.models.decoder import (
     RMSNorm,
     generate,
     generate_reference,
-    graph_io,
 )
+from edgepipe.runtimes.decoder_graphs import graph_io
 
 FORMS = ["full", "windowed:8", "linear"]
 ATOL = 1e-4
@@ -106,13 +106,13 @@ def test_config_rejects_heads_not_divisible_by_kv_heads() -> None:
 
 def test_graph_io_describes_the_real_outputs() -> None:
     model = tiny_decoder("windowed:8")
-    io = graph_io(model, batch=2)
+    io = graph_io(model, 4)  # the bundle's contract (runtimes.decoder_graphs): batch 1, a 4-token prefill chunk
     assert [i["name"] for i in io["decode"]["inputs"]] == ["input_ids", "position", "k_cache", "v_cache"]
     assert [o["name"] for o in io["decode"]["outputs"]] == ["logits", "k_cache_out", "v_cache_out"]
     with torch.no_grad():
-        out = model.step(ids(1), torch.tensor([3, 3]), *model.init_state(2))
+        out = model.step(ids(1, batch=1), torch.tensor([3]), *model.init_state(1))
     assert [list(t.shape) for t in out] == [o["shape"] for o in io["decode"]["outputs"]]
-    assert io["prefill"]["outputs"][0]["shape"] == [2, "seq", 256]
+    assert io["prefill"]["outputs"][0]["shape"] == [1, 4, 256]
 
 
 # -- lowering: ONNX Runtime and ExecuTorch run the graphs with eager's numbers ---------------------------------------

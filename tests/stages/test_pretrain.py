@@ -10,15 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from edgepipe.data import read_sentences
-from edgepipe.models.decoder import DecoderConfig
+from edgepipe.config import EOS, DecoderConfig, PretrainConfig
+from edgepipe.data import encode_text, read_sentences
 from edgepipe.models.hf_decoders import load_decoder
 from edgepipe.progress import Progress
 from edgepipe.stages.pretrain import (
-    EOS,
-    PretrainConfig,
     batch_indices,
-    encode_text,
     lr_at,
     perplexity,
     pretrain,

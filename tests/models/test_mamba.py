@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from test_decoder import OUTSIDE_OK, close, ids, lower_executorch, max_diff, onnx_session, run_executorch, run_onnx
 
 from edgepipe.errors import UsageError
-from edgepipe.models.decoder import DecodeGraph, PrefillGraph, generate, generate_reference, graph_io
+from edgepipe.models.decoder import DecodeGraph, PrefillGraph, generate, generate_reference
 from edgepipe.models.mamba import BidirectionalMamba2, MambaConfig, MambaLM, softplus, ssd_reference
+from edgepipe.runtimes.decoder_graphs import graph_io
 
 ATOL = 1e-4
 
@@ -100,7 +101,7 @@ def test_state_size_does_not_depend_on_context() -> None:
     with torch.no_grad():
         short, long = model.prefill(ids(8))[1:], model.prefill(ids(200))[1:]
     assert [t.shape for t in short] == [t.shape for t in long] == [t.shape for t in model.init_state(2)]
-    assert [o["shape"] for o in graph_io(model, 2)["decode"]["outputs"][1:]] == [[2, 2, 192, 3], [2, 2, 8, 16, 16]]
+    assert [o["shape"] for o in graph_io(model, 8)["decode"]["outputs"][1:]] == [[2, 1, 192, 3], [2, 1, 8, 16, 16]]
 
 
 def test_softplus_matches_torch_without_overflow() -> None:

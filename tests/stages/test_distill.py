@@ -31,7 +31,7 @@ from edgepipe.stages.distill import (
 )
 from edgepipe.stages.validate import compare, embed_torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")

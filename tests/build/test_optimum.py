@@ -26,7 +26,7 @@ from edgepipe.bundle import check_bundle
 from edgepipe.config import resolve_run_config
 from edgepipe.errors import BuildError, MissingExtraError, UsageError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 FAST = ("validate.samples=16", "validate.max_len=32", "quantize.samples=16")
 
 

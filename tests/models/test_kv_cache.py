@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from edgepipe.config import PretrainConfig
-from edgepipe.data import read_sentences
+from edgepipe.data import encode_text, read_sentences
 from edgepipe.errors import UsageError
 from edgepipe.models.decoder import DecoderConfig, DecoderLM, generate
 from edgepipe.models.hf_decoders import load_decoder
 from edgepipe.models.kv_cache import TieredDecoder, cache_bytes, calibrate_on_text, decode_memory, quantize
 from edgepipe.progress import Progress
-from edgepipe.stages.pretrain import encode_text, pretrain
+from edgepipe.stages.pretrain import pretrain
 
 CACHE = 64  # total cache slots of the tiny model
 
