@@ -22,7 +22,7 @@ import torch
 from edgepipe.build.driver import Attempt, Build, Bundle
 from edgepipe.cache import StageCache, StageResult, checkpoint_hash
 from edgepipe.config import DecoderConfig, RunConfig, load_recipe, resolve_data_file, resolve_teacher
-from edgepipe.data import read_sentences
+from edgepipe.data import load_tokenizer, read_sentences
 from edgepipe.errors import BuildError, ModelError, UsageError
 from edgepipe.manifest import sha256_file
 from edgepipe.precisions import DECODER_PLANS, PLANS, STATIC, tolerance
@@ -32,7 +32,6 @@ from edgepipe.runtimes.decoder_graphs import calibration_feeds, graph_io, prefil
 from edgepipe.stages.validate import (
     EVAL_TOKENS,
     eval_windows,
-    load_tokenizer,
     model_context,
     score_graphs,
     score_torch,

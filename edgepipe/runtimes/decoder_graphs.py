@@ -31,6 +31,7 @@ Precision plans for decoders:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -123,13 +124,24 @@ def check_plan(target: Target, precision: str, calibration) -> None:
         raise BuildError(f"Decoder precision {precision} needs calibration feeds for both graphs.")
 
 
-def graph_examples(model: nn.Module) -> list[tuple[str, tuple[Tensor, ...]]]:
-    """``(graph, trace inputs)`` for the prefill and decode graphs (module docstring)."""
-    return [("prefill", example_inputs(model, prefill_tokens(model))), ("decode", example_inputs(model, 1))]
-
-
-def start_report(model: nn.Module, precision: str) -> dict:
-    return {"prefill_tokens": prefill_tokens(model), "precision": precision}
+def write_graphs(
+    model: nn.Module,
+    target: Target,
+    precision: str,
+    out_dir: Path,
+    calibration,
+    suffix: str,
+    lower: Callable[..., dict],
+) -> tuple[dict[str, Path], dict]:
+    """What every runtime's ``lower_decoder`` starts with: check the plan, then ``lower(inputs=..., path=...)`` each
+    graph to ``<graph><suffix>`` in ``out_dir``; returns the files and the report (each graph's under its name)."""
+    check_plan(target, precision, calibration)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files, report = {}, {"prefill_tokens": prefill_tokens(model), "precision": precision}
+    for graph, tokens in (("prefill", prefill_tokens(model)), ("decode", 1)):
+        files[graph] = out_dir / f"{graph}{suffix}"
+        report[graph] = lower(inputs=example_inputs(model, tokens), path=files[graph])
+    return files, report
 
 
 def finish_report(model: nn.Module, precision: str, report: dict) -> dict:

@@ -40,6 +40,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import executorch  # noqa: F401  (a missing runtime fails here: get_runtime turns it into a MissingExtraError)
@@ -1034,12 +1035,8 @@ def lower_decoder(
     The arguments are ``runtimes.Runtime.lower_decoder``'s; static plans are TensorRT's, so calibration, method,
     fit and budget go unused here.
     """
-    dg.check_plan(target, precision, calibration)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files, report = {}, dg.start_report(model, precision)
-    for graph, inputs in dg.graph_examples(model):
-        files[graph] = out_dir / f"{graph}.pte"
-        report[graph] = _lower_decoder_graph(model, inputs, target, files[graph])
+    lower = partial(_lower_decoder_graph, model, target=target)
+    files, report = dg.write_graphs(model, target, precision, out_dir, calibration, ".pte", lower)
     return Lowered(files=files, report=dg.finish_report(model, precision, report))
 
 

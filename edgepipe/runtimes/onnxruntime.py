@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -354,12 +355,8 @@ def lower_decoder(
     The arguments are ``runtimes.Runtime.lower_decoder``'s; static plans are TensorRT's, so calibration, method,
     fit and budget go unused here.
     """
-    dg.check_plan(target, precision, calibration)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files, report = {}, dg.start_report(model, precision)
-    for graph, inputs in dg.graph_examples(model):
-        files[graph] = out_dir / f"{graph}.onnx"
-        report[graph] = export_decoder_graph(model, inputs, precision, files[graph])
+    export = partial(export_decoder_graph, model, precision=precision)
+    files, report = dg.write_graphs(model, target, precision, out_dir, calibration, ".onnx", export)
     files["weights"] = dg.share_weights([files["prefill"], files["decode"]], out_dir / "weights.bin")
     report["shared_weights"] = {"file": "weights.bin", "bytes": files["weights"].stat().st_size}
     return Lowered(files=files, report=dg.finish_report(model, precision, report))

@@ -21,6 +21,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -512,12 +513,9 @@ def lower_decoder(
             (``quick``: a cheaper estimate, to rank the GEMMs).
         budget: The largest drop ``fit`` may report for the plan that ships.
     """
-    dg.check_plan(target, precision, calibration)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files, report = {}, dg.start_report(model, precision)
-    for graph, inputs in dg.graph_examples(model):
-        files[graph] = out_dir / f"{graph}.onnx"
-        report[graph] = ort_rt.export_decoder_graph(model, inputs, "fp32", files[graph])
+    # fp32 graphs: fp16 is TensorRT's builder flag, int8-fp16 adds Q/DQ below
+    export = partial(ort_rt.export_decoder_graph, model, precision="fp32")
+    files, report = dg.write_graphs(model, target, precision, out_dir, calibration, ".onnx", export)
     if precision in STATIC:
         planned = qdq_graphs(files, calibration, method, fit, budget)
         for graph in dg.GRAPHS:
