@@ -188,11 +188,15 @@ def generate(path: Path, prompt: str, max_new_tokens: int = 32, threads: int | N
 
     path = Path(path)
     manifest = open_bundle(path)
-    if manifest.get("kind") != "decoder":
+    if runner.bench_kind(manifest) != "decoder":  # manifest "kind" names the model; this asks how the bundle runs
+        what = (
+            "an Optimum text-generation export (one graph, its cache inside)"
+            if manifest.get("kind") == "decoder"
+            else f"the {manifest.get('kind', 'encoder')} {manifest.get('model')}"
+        )
         raise UsageError(
-            f"Bundle {path} holds the {manifest.get('kind', 'encoder')} {manifest.get('model')}; "
-            "generate needs a decoder bundle.",
-            hint="Build one: edgepipe build --model tinylm-teacher",
+            f"Bundle {path} holds {what}; generate runs edgepipe's decoder bundles (prefill + decode graphs).",
+            hint="Build one: edgepipe build --model tinylm-teacher (or a Llama / Mamba2 checkpoint directory)",
         )
     runtime = get_runtime(manifest["runtime"])
     runnable, why = runtime.can_run_here(Target.from_dict(manifest["target"]))
