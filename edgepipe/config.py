@@ -12,7 +12,7 @@ import copy
 import json
 import math
 import tomllib
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ TARGETS_DIR = ROOT / "targets"
 MODELS_DIR = ROOT / "models"
 DATA_DIR = ROOT / "calibration_data"
 
-RUNTIMES = ("onnxruntime", "executorch", "tensorrt")
+RUNTIMES = ("onnxruntime", "executorch", "tensorrt", "openvino")
 KINDS = ("encoder", "decoder")
 DECODER_MODEL_TYPES = ("llama", "mamba2")  # HF model_types edgepipe's own decoders load (models.hf_decoders)
 DEFAULT_TARGET = "host-cpu"
@@ -112,10 +112,19 @@ class TensorRTOptions:
     polygraphy_lint: bool = True  # polygraphy's per-node lint at build time (slow on large graphs)
 
 
+@dataclass(frozen=True)
+class OpenVinoOptions:
+    """The ``[openvino]`` table of a target."""
+
+    device: str = "CPU"  # the OpenVINO device compile_model gets
+    performance_hint: str = field(default="LATENCY", metadata={"choices": ("LATENCY", "THROUGHPUT")})
+
+
 RUNTIME_OPTIONS: dict[str, type] = {
     "onnxruntime": OnnxRuntimeOptions,
     "executorch": ExecuTorchOptions,
     "tensorrt": TensorRTOptions,
+    "openvino": OpenVinoOptions,
 }
 
 
@@ -130,6 +139,10 @@ class Target:
     precisions: tuple[str, ...]
     hardware: dict = field(default_factory=dict)
     runtime_options: Any = None  # the runtime's table: one of RUNTIME_OPTIONS' dataclasses
+    # "runtime:precision" pairs a build measures on this machine when no --precision is given; the fastest that
+    # validates inside the fidelity budget ships (host-cpu: the fastest runtime differs by CPU)
+    candidates: tuple[str, ...] = ()
+    candidate_options: dict = field(default_factory=dict)  # runtime -> its table, for the candidates' runtimes
     # [quantize]: recipe quantize settings this target imposes (e.g. the fidelity budget an integer-only NPU can
     # meet); a --set quantize.<key> still wins
     quantize: dict = field(default_factory=dict)
@@ -152,12 +165,29 @@ class Target:
             raw = data.get("runtime_options") or {}
             data["runtime_options"] = options(**raw) if options else None
             data["precisions"] = tuple(data.get("precisions", ()))
+            data["candidates"] = tuple(data.get("candidates", ()))
+            tables = data.get("candidate_options") or {}
+            data["candidate_options"] = {rt: RUNTIME_OPTIONS[rt](**t) for rt, t in tables.items()}
             return cls(**data)
-        except (TypeError, AttributeError) as exc:
+        except (TypeError, AttributeError, KeyError) as exc:
             raise UsageError(
                 f"The manifest's target record is not one edgepipe writes ({exc}).",
                 hint="Rebuild the bundle with this edgepipe version.",
             ) from None
+
+    def for_candidate(self, candidate: str) -> Target:
+        """This target as one of its candidates builds it: that runtime, its table, one plan."""
+        runtime, _, precision = candidate.partition(":")
+        options = self.candidate_options.get(runtime) or RUNTIME_OPTIONS[runtime]()
+        return replace(
+            self,
+            runtime=runtime,
+            precision=precision,
+            precisions=(precision,),
+            runtime_options=options,
+            candidates=(),
+            candidate_options={},
+        )
 
     @property
     def options(self) -> dict:
@@ -183,6 +213,21 @@ def _target_from_dict(name: str, data: dict, source: str) -> Target:
     hardware = f.get("hardware", dict, {})
     options = RUNTIME_OPTIONS.get(runtime)
     runtime_options = _dataclass_from_table(options, f.table(runtime)) if options else None
+    candidates = f.get("candidates", list, [])
+    candidate_options = {}
+    for spec in candidates or []:
+        cand_runtime, _, plan = str(spec).partition(":")
+        if cand_runtime not in RUNTIMES or plan not in PRECISIONS:
+            problems.append(
+                f"'candidates' entry {spec!r} is not runtime:precision with a runtime of {', '.join(RUNTIMES)} and a "
+                f"plan of {', '.join(PRECISIONS)}"
+            )
+        elif cand_runtime != runtime and cand_runtime not in candidate_options:
+            candidate_options[cand_runtime] = _dataclass_from_table(
+                RUNTIME_OPTIONS[cand_runtime], f.table(cand_runtime)
+            )
+    if runtime_options is not None and candidates:
+        candidate_options[runtime] = runtime_options
     quantize = f.get("quantize", dict, {})
     bad = sorted(set(quantize) - {x.name for x in fields(QuantizeConfig)})
     if bad:
@@ -198,6 +243,8 @@ def _target_from_dict(name: str, data: dict, source: str) -> Target:
         precisions=tuple(precisions),
         hardware=hardware,
         runtime_options=runtime_options,
+        candidates=tuple(candidates or ()),
+        candidate_options=candidate_options,
         quantize=quantize,
         path=source,
     )
@@ -739,6 +786,7 @@ class RunConfig:
     precision: str
     out_dir: Path
     task: str | None = None  # --task: an Optimum task for a checkpoint directory (None: inferred from config.json)
+    select_runtime: bool = False  # measure the target's candidates and ship the fastest that validates
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -770,6 +818,7 @@ class RunConfig:
             "precision": self.precision,
             "out_dir": str(self.out_dir),
             "task": self.task,
+            "select_runtime": self.select_runtime,
         }
 
     def to_json(self) -> str:
@@ -801,6 +850,13 @@ def resolve_run_config(
     overrides = (*imposed, *overrides)
     recipe = recipe_for_checkpoint(path, overrides) if path.is_dir() else load_recipe(model, overrides)
     default = "fp32" if recipe.kind == "decoder" else tgt.precision  # decoders: quantized plans are opt-in
+    # An encoder recipe on a target with candidates and no --precision: measured at build time (build.encoder)
+    select = precision is None and bool(tgt.candidates) and recipe.kind == "encoder"
     return RunConfig(
-        recipe=recipe, target=tgt, precision=precision or default, out_dir=Path(out_dir), task=task or None
+        recipe=recipe,
+        target=tgt,
+        precision=precision or default,
+        out_dir=Path(out_dir),
+        task=task or None,
+        select_runtime=select,
     )

@@ -176,11 +176,12 @@ class Build:
             )
             precision = nxt
 
-    def latency(self, payload: dict, fn: Callable[[Path], dict]) -> StageResult | None:
-        """The latency stage, where a measurement on this machine says something about the target (else None)."""
+    def latency(self, payload: dict, fn: Callable[[Path], dict], target=None) -> StageResult | None:
+        """The latency stage, where a measurement on this machine says something about ``target`` (else None)."""
         from edgepipe.runtimes import get_runtime
 
-        if not get_runtime(self.target.runtime).same_machine(self.target):
+        target = target or self.target
+        if not get_runtime(target.runtime).same_machine(target):
             return None
         return self.stage("latency", {**payload, "machine": machine()}, fn, "latency estimate here")
 

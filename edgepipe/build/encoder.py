@@ -7,15 +7,16 @@ through ``build.driver.Build``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from edgepipe.build.driver import Attempt, Build, Bundle, time_session
 from edgepipe.cache import StageCache, StageResult, checkpoint_hash, digest
-from edgepipe.config import RunConfig, resolve_data_file, resolve_teacher
+from edgepipe.config import RunConfig, Target, resolve_data_file, resolve_teacher
 from edgepipe.data import batches, encode, load_tokenizer, read_sentences
-from edgepipe.errors import ModelError
+from edgepipe.errors import BuildError, EdgepipeError, ModelError
 from edgepipe.manifest import sha256_file
 from edgepipe.progress import Progress
 from edgepipe.runtimes import QuantInputs, get_runtime
@@ -47,6 +48,7 @@ class EncoderBuild:
                 f"'{self.teacher_dir}' has no tokenizer.json.", hint="Ship the fast tokenizer's tokenizer.json."
             )
         self.teacher_hash = checkpoint_hash(self.teacher_dir)
+        self.selection: dict | None = None  # the candidates measured when the target names several (select)
         self.tok = load_tokenizer(self.tokenizer_path, self.recipe.validate.max_len)
         v = self.recipe.validate
         self.held_out = {
@@ -77,15 +79,20 @@ class EncoderBuild:
         # The unquantized model's own held-back embeddings: the reference a quantized artifact is judged against.
         model_ref = np.load(model_stage.dir / "held_out.npy") if model_stage else teacher_emb
 
-        def attempt(precision: str) -> Attempt:
-            lowered = self.lower_stage(model_hash, model_loader, model_ref, precision)
-            validated = self.validate_stage(lowered, model_ref, teacher_emb, precision)
+        def attempt(precision: str, target: Target | None = None) -> Attempt:
+            target = target or self.target
+            lowered = self.lower_stage(model_hash, model_loader, model_ref, precision, target)
+            validated = self.validate_stage(lowered, model_ref, teacher_emb, precision, target)
             vs_pytorch = validated.meta["vs_pytorch"]
             return Attempt(precision, lowered, validated, 1.0 - vs_pytorch["mean_cosine"] if vs_pytorch else 0.0)
 
-        best = self.build.fit_precision(
-            attempt, self.target.precisions, "encoder", "mean cosine vs the unquantized model on held-back text"
-        )
+        if self.cfg.select_runtime:
+            best, latency = self.select(attempt)
+        else:
+            best = self.build.fit_precision(
+                attempt, self.target.precisions, "encoder", "mean cosine vs the unquantized model on held-back text"
+            )
+            latency = self.latency_stage(best.lowered)
         v = self.recipe.validate
         vs_teacher = best.validated.meta["vs_teacher"]["mean_cosine"]
         if vs_teacher < v.min_cosine:
@@ -93,8 +100,55 @@ class EncoderBuild:
                 f"held-back mean cosine vs the teacher is {vs_teacher:.4f}, below the recipe's bar {v.min_cosine} "
                 "(validate.min_cosine): more distill.steps or a wider student would close it"
             )
-        latency = self.latency_stage(best.lowered)
         return self.write_bundle(best, latency, model_loader)
+
+    def select(self, attempt: Callable[[str, Target], Attempt]) -> tuple[Attempt, StageResult]:
+        """Lower, validate and time every candidate of the target here; the fastest inside the budget ships.
+
+        A candidate whose runtime is not installed, whose plan this CPU cannot run, or whose held-back drop breaks
+        ``quantize.fidelity_budget`` is recorded with the reason and left out. The winner becomes the bundle's
+        target (its runtime and plan); the manifest's ``selection`` lists every candidate and why the winner won.
+        """
+        budget, rows, best = self.recipe.quantize.fidelity_budget, [], None
+        for candidate in self.target.candidates:
+            target = self.target.for_candidate(candidate)
+            row: dict = {"candidate": candidate}
+            try:
+                tried = attempt(target.precision, target)
+                latency = self.latency_stage(tried.lowered, target)
+            except EdgepipeError as exc:
+                rows.append({**row, "left_out": exc.message})
+                self.build.progress.note(f"candidate {candidate} left out: {exc.message}")
+                continue
+            ms = latency.meta["p50_ms"] if latency else None
+            vs_teacher = tried.validated.meta["vs_teacher"]["mean_cosine"]
+            row.update(p50_ms=ms, drop=round(tried.drop, 6), mean_cosine_vs_teacher=vs_teacher)
+            if ms is None:
+                row["left_out"] = "not measurable on this machine"
+            elif tried.drop > budget:
+                row["left_out"] = f"drop {tried.drop:.4f} > budget {budget}"
+            elif best is None or ms < best[2].meta["p50_ms"]:
+                best = (target, tried, latency)
+            rows.append(row)
+        if best is None:
+            raise BuildError(
+                f"No candidate of target {self.target.name} validated inside the fidelity budget {budget}: "
+                + "; ".join(f"{r['candidate']}: {r['left_out']}" for r in rows),
+                hint="Pass --precision to build the target's own runtime at one plan, or raise "
+                "quantize.fidelity_budget with --set.",
+            )
+        target, tried, latency = best
+        winner = f"{target.runtime}:{target.precision}"
+        self.selection = {
+            "measure": f"p50 ms at 1x{LATENCY_SEQ} on this machine; held-back drop vs the unquantized model "
+            f"<= budget {budget}",
+            "candidates": rows,
+            "winner": winner,
+            "why": f"fastest of the candidates inside the budget ({latency.meta['p50_ms']} ms)",
+        }
+        self.target = self.build.target = target
+        self.build.progress.note(f"shipping {winner}: {self.selection['why']}")
+        return tried, latency
 
     def reference(self) -> np.ndarray:
         """The teacher's held-back embeddings (cached): what every bundle's fidelity is measured against."""
@@ -146,8 +200,8 @@ class EncoderBuild:
         config = {"student": recipe.student.__dict__, **d.__dict__}
         return self.build.stage("distill", payload, run, "distill student", config=config, resumable=True)
 
-    def lower_stage(self, model_hash: str, model_loader, model_ref: np.ndarray, precision: str) -> StageResult:
-        target, q = self.target, self.recipe.quantize
+    def lower_stage(self, model_hash: str, model_loader, model_ref, precision: str, target: Target) -> StageResult:
+        q = self.recipe.quantize
         runtime = get_runtime(target.runtime)
         calib_sentences = read_sentences(q.calibration, q.samples)
         example = encode(self.tok, calib_sentences[:2])
@@ -178,9 +232,9 @@ class EncoderBuild:
 
         return self.build.stage("lower", payload, run, f"lower to {target.runtime} ({precision})")
 
-    def validate_stage(self, lowered, model_ref, teacher_emb, precision) -> StageResult:
-        runtime = get_runtime(self.target.runtime)
-        runnable, why = runtime.can_run_here(self.target)
+    def validate_stage(self, lowered, model_ref, teacher_emb, precision, target: Target) -> StageResult:
+        runtime = get_runtime(target.runtime)
+        runnable, why = runtime.can_run_here(target)
         artifact = lowered.dir / lowered.meta["files"]["model"]
         payload = {"artifact": lowered.key, "held_out": self.held_out, "runnable": runnable}
 
@@ -203,9 +257,9 @@ class EncoderBuild:
                     "vs_pytorch": None,
                     "vs_teacher": compare(model_ref, teacher_emb),
                 }
-            outputs = embed_session(runtime.load(artifact, self.target), self.validation_batches())
+            outputs = embed_session(runtime.load(artifact, target), self.validation_batches())
             return {
-                "runtime": self.target.runtime,
+                "runtime": target.runtime,
                 "where": why,
                 "vs_pytorch": compare(outputs, model_ref),
                 "vs_teacher": compare(outputs, teacher_emb),
@@ -215,20 +269,21 @@ class EncoderBuild:
             "validate",
             payload,
             run,
-            f"validate in {self.target.runtime}",
+            f"validate in {target.runtime}",
             config={"held_out": self.held_out, "precision": precision},
         )
 
-    def latency_stage(self, lowered: StageResult) -> StageResult | None:
+    def latency_stage(self, lowered: StageResult, target: Target | None = None) -> StageResult | None:
+        target = target or self.target
+
         def run(out: Path) -> dict:
-            runtime = get_runtime(self.target.runtime)
-            session = runtime.load(lowered.dir / lowered.meta["files"]["model"], self.target)
+            session = get_runtime(target.runtime).load(lowered.dir / lowered.meta["files"]["model"], target)
             ids = encode(self.tok, read_sentences(self.recipe.validate.data, 8))["input_ids"].ravel()
             ids = np.resize(ids, (1, LATENCY_SEQ))
             feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((1, LATENCY_SEQ), np.int64)}
             return {"shape": [1, LATENCY_SEQ], **time_session(session, feeds)}
 
-        return self.build.latency({"artifact": lowered.key, "shape": [1, LATENCY_SEQ]}, run)
+        return self.build.latency({"artifact": lowered.key, "shape": [1, LATENCY_SEQ]}, run, target)
 
     def write_bundle(self, best: Attempt, latency: StageResult | None, model_loader) -> Bundle:
         lowered = best.lowered
@@ -267,6 +322,7 @@ class EncoderBuild:
             graphs={"model": best.lowered.meta["files"]["model"]},
             io=IO,
             fidelity=fidelity,
+            **({"selection": self.selection} if self.selection else {}),
         )
 
 

@@ -10,7 +10,7 @@ import pytest
 from edgepipe.build import build
 from edgepipe.bundle import check_bundle, open_bundle, text_fidelity
 from edgepipe.config import resolve_data_file, resolve_run_config
-from edgepipe.errors import BundleError, ModelError, UsageError
+from edgepipe.errors import BuildError, BundleError, ModelError, UsageError
 
 FAST = ("validate.samples=48", "validate.max_len=64")
 
@@ -139,3 +139,52 @@ def test_text_fidelity_rejects_bad_text_and_a_different_teacher(tmp_path, tiny_c
         text_fidelity(bundle.path, blank)
     with pytest.raises(ModelError, match="is not the checkpoint bundle .* was built from"):
         text_fidelity(bundle.path, resolve_data_file("validation.txt"), samples=4, teacher=teacher_dir)
+
+
+SELECTING = """
+description = "this CPU: the fastest candidate that validates"
+runtime = "onnxruntime"
+precision = "int8-dynamic"
+precisions = ["fp32", "int8-dynamic"]
+candidates = ["onnxruntime:fp32", "onnxruntime:int8-dynamic", "tensorrt:fp16"]
+[hardware]
+arch = "x86_64"
+[onnxruntime]
+fuse = true
+"""
+
+
+def test_a_target_with_candidates_ships_the_fastest_that_validates(tmp_path, tiny_checkpoint):
+    target = tmp_path / "selecting.toml"
+    target.write_text(SELECTING)
+    cfg = resolve_run_config(str(tiny_checkpoint), str(target), None, tmp_path / "out", FAST)
+    assert cfg.select_runtime
+    bundle = build(cfg)
+    sel = bundle.manifest["selection"]
+    rows = {r["candidate"]: r for r in sel["candidates"]}
+    assert set(rows) == {"onnxruntime:fp32", "onnxruntime:int8-dynamic", "tensorrt:fp16"}
+    assert rows["tensorrt:fp16"]["left_out"] == "not measurable on this machine"  # its latency says nothing here
+    measured = {c: r["p50_ms"] for c, r in rows.items() if "left_out" not in r}
+    assert set(measured) == {"onnxruntime:fp32", "onnxruntime:int8-dynamic"}
+    assert sel["winner"] == min(measured, key=measured.get)  # the fastest of those inside the budget
+    runtime, precision = sel["winner"].split(":")
+    assert bundle.manifest["runtime"] == runtime and bundle.manifest["precision"] == precision
+    assert bundle.manifest["target"]["runtime"] == runtime and bundle.manifest["target"]["candidates"] == []
+    assert check_bundle(bundle.path).passed  # the bundle runs as the winner's runtime
+
+
+def test_no_candidate_inside_the_budget_is_one_line(tmp_path, tiny_checkpoint):
+    target = tmp_path / "selecting.toml"
+    target.write_text(SELECTING.replace('"onnxruntime:fp32", ', ""))
+    cfg = resolve_run_config(
+        str(tiny_checkpoint), str(target), None, tmp_path / "out", FAST + ("quantize.fidelity_budget=0",)
+    )
+    with pytest.raises(BuildError, match=r"No candidate of target selecting validated .*int8-dynamic: drop"):
+        build(cfg)
+    assert not (tmp_path / "out" / tiny_checkpoint.name).exists()
+
+
+def test_explicit_precision_builds_the_targets_own_runtime(tmp_path):
+    target = tmp_path / "selecting.toml"
+    target.write_text(SELECTING)
+    assert not resolve_run_config("minilm-teacher", str(target), "fp32", tmp_path / "out").select_runtime
