@@ -92,7 +92,7 @@ def build(
     Examples:
       edgepipe build
       edgepipe build --target jetson-orin-nano
-      edgepipe build --model models/minilm-windowed.toml --target android-arm64 --precision int8-fp16
+      edgepipe build --model edgepipe/recipes/models/minilm-windowed.toml --target android-arm64 --precision int8-fp16
       edgepipe build --model ~/ckpt/my-bert --set validate.samples=256
       edgepipe build --model ~/ckpt/my-gpt2 --target jetson-orin-nano   # non-BERT: through Optimum
     """

@@ -1,6 +1,6 @@
 """Targets, model recipes and the resolved run config, loaded from TOML into frozen dataclasses.
 
-Config flows one way: ``models/<name>.toml`` -> ``--target`` -> ``--precision`` / ``--set key=value`` ->
+Config flows one way: ``recipes/models/<name>.toml`` -> ``--target`` -> ``--precision`` / ``--set key=value`` ->
 ``RunConfig``. Every problem in a file is collected and reported together with its file and key, so a user fixes
 a recipe in one pass.
 """
@@ -20,10 +20,11 @@ from edgepipe.errors import ConfigError, ModelError, UsageError
 from edgepipe.precisions import DECODER_PLANS
 from edgepipe.precisions import NAMES as PRECISIONS
 
-ROOT = Path(__file__).resolve().parent.parent
-TARGETS_DIR = ROOT / "targets"
-MODELS_DIR = ROOT / "models"
-DATA_DIR = ROOT / "calibration_data"
+# Package data (pyproject.toml [tool.setuptools.package-data]): an installed wheel carries them, so any directory works
+PACKAGE_DIR = Path(__file__).resolve().parent
+TARGETS_DIR = PACKAGE_DIR / "recipes" / "targets"
+MODELS_DIR = PACKAGE_DIR / "recipes" / "models"
+DATA_DIR = PACKAGE_DIR / "calibration_data"
 
 RUNTIMES = ("onnxruntime", "executorch", "tensorrt", "openvino")
 KINDS = ("encoder", "decoder")
@@ -255,7 +256,7 @@ def target_names() -> list[str]:
 
 
 def load_target(name_or_path: str) -> Target:
-    """Load a target by name (a file stem in targets/, or an alias) or from a TOML path.
+    """Load a target by name (a file stem in recipes/targets/, or an alias) or from a TOML path.
 
     Raises:
         UsageError: Unknown name, or a malformed file (every problem listed).
@@ -687,7 +688,7 @@ def apply_overrides(data: dict, overrides: tuple[str, ...] | list[str]) -> dict:
 
 
 def load_recipe(name_or_path: str, overrides: tuple[str, ...] = ()) -> ModelRecipe:
-    """Load a recipe by name (a file stem in models/) or from a TOML path, applying overrides.
+    """Load a recipe by name (a file stem in recipes/models/) or from a TOML path, applying overrides.
 
     Raises:
         UsageError: Unknown name, or a malformed file (every problem listed).

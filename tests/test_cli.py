@@ -10,7 +10,7 @@ import pytest
 
 EDGEPIPE = [sys.executable, "-m", "edgepipe.cli"]
 FAST = ["--set", "validate.samples=48", "--set", "validate.max_len=64"]
-CALIBRATION = Path(__file__).resolve().parent.parent / "calibration_data" / "calibration.txt"
+CALIBRATION = Path(__file__).resolve().parent.parent / "edgepipe" / "calibration_data" / "calibration.txt"
 
 
 def run(*args: str, cwd=None) -> subprocess.CompletedProcess:

@@ -29,13 +29,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from edgepipe.config import SPECIAL_TOKENS, DecoderConfig, PretrainConfig, load_recipe
+from edgepipe.config import MODELS_DIR, SPECIAL_TOKENS, DecoderConfig, PretrainConfig, load_recipe
 from edgepipe.data import encode_text, read_sentences, windows
 from edgepipe.errors import UsageError
 from edgepipe.models.decoder import DecoderLM
 
 ETA_AFTER = 5  # steps before the progress note with the time estimate
-RECIPE = Path(__file__).resolve().parents[2] / "models" / "tinylm-teacher.toml"
+RECIPE = MODELS_DIR / "tinylm-teacher.toml"
 
 
 def train_tokenizer(sentences: list[str], vocab_size: int) -> Tokenizer:

@@ -69,7 +69,7 @@ def _save_gpt2(path: Path) -> Path:
 
     path.mkdir(parents=True, exist_ok=True)
     bpe = ByteLevelBPETokenizer()
-    lines = (REPO / "calibration_data" / "train.txt").read_text(encoding="utf-8").splitlines()[:2000]
+    lines = (REPO / "edgepipe" / "calibration_data" / "train.txt").read_text(encoding="utf-8").splitlines()[:2000]
     bpe.train_from_iterator(lines, vocab_size=512, min_frequency=2, special_tokens=["<|endoftext|>"])
     bpe.save(str(path / "tokenizer.json"))
     special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
@@ -252,7 +252,7 @@ def test_task_with_inputs_edgepipe_cannot_make_is_one_line(tmp_path, foreign):
 # ----------------------------------------------------------------------------------------------- ExecuTorch
 def _et_target(tmp_path: Path) -> Path:
     """android-arm64 where the lead's target exists, else the same target written here."""
-    shipped = REPO / "targets" / "android-arm64.toml"
+    shipped = REPO / "edgepipe" / "recipes" / "targets" / "android-arm64.toml"
     if shipped.is_file():
         return shipped
     path = tmp_path / "android-arm64.toml"
