@@ -11,6 +11,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import tomllib
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -25,6 +26,9 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 TARGETS_DIR = PACKAGE_DIR / "recipes" / "targets"
 MODELS_DIR = PACKAGE_DIR / "recipes" / "models"
 DATA_DIR = PACKAGE_DIR / "calibration_data"
+# Your own recipes and targets: directories (os.pathsep-separated) holding models/*.toml and targets/*.toml, looked
+# up before the shipped ones (a file there of a shipped name wins)
+RECIPES_ENV = "EDGEPIPE_RECIPES"
 
 RUNTIMES = ("onnxruntime", "executorch", "tensorrt", "openvino")
 KINDS = ("encoder", "decoder")
@@ -251,8 +255,22 @@ def _target_from_dict(name: str, data: dict, source: str) -> Target:
     )
 
 
+def _search_path(shipped: Path) -> list[Path]:
+    """``$EDGEPIPE_RECIPES/<models|targets>`` for each directory listed there, then the shipped directory."""
+    extra = [Path(d).expanduser() / shipped.name for d in os.environ.get(RECIPES_ENV, "").split(os.pathsep) if d]
+    return [*extra, shipped]
+
+
+def _find(shipped: Path, name: str) -> Path | None:
+    return next((d / f"{name}.toml" for d in _search_path(shipped) if (d / f"{name}.toml").is_file()), None)
+
+
+def _names(shipped: Path) -> list[str]:
+    return sorted({p.stem for d in _search_path(shipped) for p in d.glob("*.toml")})
+
+
 def target_names() -> list[str]:
-    return sorted(p.stem for p in TARGETS_DIR.glob("*.toml"))
+    return _names(TARGETS_DIR)
 
 
 def load_target(name_or_path: str) -> Target:
@@ -267,11 +285,11 @@ def load_target(name_or_path: str) -> Target:
             raise UsageError(f"Target file '{name_or_path}' does not exist.")
         return _target_from_dict(path.stem, _load_toml(path), str(path))
     name = TARGET_ALIASES.get(name_or_path, name_or_path)
-    path = TARGETS_DIR / f"{name}.toml"
-    if not path.is_file():
+    path = _find(TARGETS_DIR, name)
+    if path is None:
         raise UsageError(
             f"Unknown target '{name_or_path}'. Known targets: {', '.join(target_names())}.",
-            hint="Run `edgepipe targets` to see them, or pass a TOML path.",
+            hint=f"Run `edgepipe targets` to see them, pass a TOML path, or put yours in ${RECIPES_ENV}/targets/.",
         )
     return _target_from_dict(name, _load_toml(path), str(path))
 
@@ -663,7 +681,7 @@ def _decoder_tables(f: _Fields) -> DecoderTables:
 
 
 def model_names() -> list[str]:
-    return sorted(p.stem for p in MODELS_DIR.glob("*.toml"))
+    return _names(MODELS_DIR)
 
 
 def apply_overrides(data: dict, overrides: tuple[str, ...] | list[str]) -> dict:
@@ -695,8 +713,8 @@ def load_recipe(name_or_path: str, overrides: tuple[str, ...] = ()) -> ModelReci
     """
     path = Path(name_or_path).expanduser()
     if path.suffix != ".toml":
-        path = MODELS_DIR / f"{name_or_path}.toml"
-        if not path.is_file():
+        path = _find(MODELS_DIR, name_or_path)
+        if path is None:
             raise UsageError(
                 f"Unknown model '{name_or_path}'. Known models: {', '.join(model_names())}.",
                 hint="Pass a recipe name (see `edgepipe models`), a recipe TOML, or a checkpoint directory.",

