@@ -230,3 +230,85 @@ def generate(path: Path, prompt: str, max_new_tokens: int = 32, threads: int | N
         ttft_ms=run["ttft_s"] * 1e3,
         tokens_per_s=len(steps) / sum(steps) if steps else None,
     )
+
+
+def load(path: Path | str) -> LoadedBundle:
+    """Open a bundle for use here: every file verified against its manifest, its runtime checked on this machine.
+
+    ``encode`` (encoders) and ``generate`` (decoders) then run the bundle's graphs in that runtime (onnxruntime,
+    ExecuTorch, OpenVINO where installed), the way the build validated them.
+
+    Raises:
+        BundleError: The bundle is incomplete, corrupt, or its runtime cannot run it on this machine.
+        MissingExtraError: The bundle's runtime is not installed here.
+    """
+    path = Path(path)
+    manifest = open_bundle(path)  # a bundle from elsewhere is untrusted: sha256 of every file first
+    runtime = get_runtime(manifest["runtime"])
+    target = Target.from_dict(manifest["target"])
+    runnable, why = runtime.can_run_here(target)
+    if not runnable:
+        raise BundleError(f"Bundle {path} cannot run on this machine: {why}.", hint="Run it on the device.")
+    return LoadedBundle(path, manifest, runtime, target)
+
+
+class LoadedBundle:
+    """A verified bundle and its runtime here (``edgepipe.load``); the graphs load on first use."""
+
+    def __init__(self, path: Path, manifest: dict, runtime, target: Target) -> None:
+        self.path, self.manifest, self.runtime, self.target = path, manifest, runtime, target
+        self._session, self._tok = None, None
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return f"LoadedBundle({str(self.path)!r}: {m['model']} in {m['runtime']}, {m['precision']})"
+
+    def encode(self, texts: str | list[str], batch_size: int = 32) -> np.ndarray:
+        """Sentence embeddings of ``texts``, computed by the bundle's graph in its runtime.
+
+        Texts are tokenized with the bundle's tokenizer.json and truncated at the length the build validated
+        (the recipe's ``validate.max_len``).
+
+        Args:
+            texts: One sentence, or a list of them.
+            batch_size: Sentences per runtime call.
+
+        Returns:
+            ``(len(texts), dim)`` float32; ``(dim,)`` for one string.
+
+        Raises:
+            UsageError: The bundle is not an encoder with a ``sentence_embedding`` output, or a text is not a str.
+        """
+        from edgepipe.data import batches, load_tokenizer
+
+        m = self.manifest
+        outputs = [o["name"] for o in (m.get("io") or {}).get("outputs", [])]
+        if runner.bench_kind(m) != "encoder" or "sentence_embedding" not in outputs:
+            raise UsageError(
+                f"Bundle {self.path} holds {m.get('model')} ({m.get('kind')}, outputs {outputs}); encode returns "
+                "sentence embeddings, the output edgepipe's encoders have.",
+                hint="Decoder bundles: .generate(prompt); Optimum exports: run their graph with its own io.",
+            )
+        one = isinstance(texts, str)
+        texts = [texts] if one else list(texts)
+        bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
+        if bad:
+            raise UsageError(f"encode takes strings; got {', '.join(sorted(set(bad)))}.", hint="Pass a list of str.")
+        if not texts:
+            _, expected = runner.load_check(str(self.path))
+            return np.zeros((0, expected["sentence_embedding"].shape[-1]), np.float32)
+        if self._session is None:
+            max_len = m.get("recipe", {}).get("validate", {}).get("max_len", 128)
+            self._tok = load_tokenizer(self.path / "tokenizer.json", max_len)
+            self._session = self.runtime.load(self.path / m["graphs"]["model"], self.target)
+        runs = [self._session.run(b)["sentence_embedding"] for b in batches(self._tok, texts, batch_size)]
+        out = np.concatenate(runs).astype(np.float32)
+        return out[0] if one else out
+
+    def generate(self, prompt: str, max_new_tokens: int = 32, threads: int | None = None) -> Generation:
+        """Greedy continuation of ``prompt`` with a decoder bundle's prefill and decode graphs (``edgepipe generate``).
+
+        Raises:
+            UsageError: An empty prompt, or a bundle that is not one of edgepipe's decoders.
+        """
+        return generate(self.path, prompt, max_new_tokens, threads)

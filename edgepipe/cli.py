@@ -1,11 +1,14 @@
 """The edgepipe command line: flags -> config -> one library call -> a summary table.
 
 Every command turns an ``EdgepipeError`` into one line (plus a hint) and a non-zero exit: 2 for usage errors,
-1 for failures. ``--debug`` shows the traceback instead.
+1 for failures. ``--debug`` shows the traceback instead. ``--json`` makes a command print one JSON document on
+stdout instead of tables, an error included (docs/cli-json.md); ``-q`` leaves only errors and the result, ``-v``
+adds stage details.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -19,6 +22,32 @@ from edgepipe.errors import EdgepipeError
 # Tables stay readable when piped or logged (rich falls back to 80 columns without a terminal).
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+JSON_SCHEMA = 1  # docs/cli-json.md: the version of every --json document
+_JSON, _PARTIAL = "edgepipe.json", "edgepipe.partial"  # ctx.meta keys: --json given; what a failing command had
+
+
+def _document(command: str, ok: bool = True, **fields) -> None:
+    """Print one --json document on stdout (plain text: no rich markup or wrapping)."""
+    click.echo(json.dumps({"schema": JSON_SCHEMA, "command": command, "ok": ok, **fields}, indent=2, default=str))
+
+
+def _as_json(ctx: click.Context, param, value: bool) -> bool:
+    if value:
+        ctx.meta[_JSON] = True  # meta is shared down the context chain: the group's error handler sees it
+    return value
+
+
+json_option = click.option(
+    "--json", "as_json", is_flag=True, callback=_as_json, help="Print one JSON document on stdout (docs/cli-json.md)."
+)
+
+
+def _quiet() -> bool:
+    return bool((click.get_current_context().find_root().obj or {}).get("quiet"))
+
+
+def _verbose() -> bool:
+    return bool((click.get_current_context().find_root().obj or {}).get("verbose"))
 
 
 class _Group(click.Group):
@@ -30,6 +59,14 @@ class _Group(click.Group):
         except EdgepipeError as exc:
             if ctx.params.get("debug"):
                 raise
+            if ctx.meta.get(_JSON):
+                error = {
+                    "type": type(exc).__name__,
+                    "message": exc.message,
+                    "hint": exc.hint,
+                    "exit_code": exc.exit_code,
+                }
+                _document(ctx.invoked_subcommand or "", False, **ctx.meta.get(_PARTIAL, {}), error=error)
             err_console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
             if exc.hint:
                 err_console.print(f"[dim]hint:[/] {escape(exc.hint)}", highlight=False)  # "edgepipe[x]" is not markup
@@ -41,8 +78,11 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors and the result (no progress, notes or tables).")
+@click.option("-v", "--verbose", is_flag=True, help="Stage details: cache keys and directories, decisions.")
 @click.version_option(package_name="edgepipe")
-def cli(debug: bool) -> None:
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, quiet: bool, verbose: bool) -> None:
     """Distill, swap attention, quantize and lower small Transformer and Mamba models for edge devices.
 
     \b
@@ -51,6 +91,9 @@ def cli(debug: bool) -> None:
       edgepipe build --target android-arm64       # the same model as an ExecuTorch .pte
       edgepipe check artifacts/minilm-student/host-cpu
     """
+    if quiet and verbose:
+        raise click.UsageError("-q and -v contradict each other; pass one.")
+    ctx.obj = {"quiet": quiet, "verbose": verbose}
 
 
 @cli.command()
@@ -76,6 +119,8 @@ def cli(debug: bool) -> None:
 )
 @click.option("--force", is_flag=True, help="Recompute every stage instead of using the cache.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and stop.")
+@click.option("--strict", is_flag=True, help="Exit 1 (no bundle) when a fidelity bar is missed (validate.strict).")
+@json_option
 def build(
     model: str | None,
     target: str,
@@ -85,6 +130,8 @@ def build(
     task: str | None,
     force: bool,
     dry_run: bool,
+    strict: bool,
+    as_json: bool,
 ) -> None:
     """Build a validated bundle for TARGET from MODEL: distill, swap attention, quantize, lower, validate.
 
@@ -100,12 +147,36 @@ def build(
     from edgepipe.config import resolve_run_config
     from edgepipe.progress import Progress
 
-    cfg = resolve_run_config(model, target, precision, out_dir, tuple(overrides), task=task)
+    overrides = (*overrides, "validate.strict=true") if strict else tuple(overrides)
+    cfg = resolve_run_config(model, target, precision, out_dir, overrides, task=task)
     if dry_run:
-        console.print_json(cfg.to_json())
+        if as_json:
+            _document("build", dry_run=True, config=cfg.to_dict())
+        else:
+            console.print_json(cfg.to_json())
         return
-    bundle = build(cfg, force=force, progress=Progress(err_console))
-    _print_build_summary(bundle)
+    bundle = build(cfg, force=force, progress=Progress(err_console, quiet=_quiet(), verbose=_verbose()))
+    if as_json:
+        _document("build", **_build_fields(bundle))
+    elif _quiet():
+        click.echo(bundle.path)
+    else:
+        _print_build_summary(bundle)
+
+
+def _build_fields(bundle) -> dict:
+    """The --json document of a build: what CI asks of it; the whole manifest is in manifest.json."""
+    m = bundle.manifest
+    keys = ("model", "kind", "runtime", "precision", "requested_precision", "fidelity", "latency", "route")
+    return {
+        "bundle": str(bundle.path.resolve()),
+        "manifest": str((bundle.path / "manifest.json").resolve()),
+        **{k: m.get(k) for k in keys},
+        "target": m["target"]["name"],
+        "bytes": sum(f["bytes"] for f in m["files"].values()),
+        "stages": [{k: rec[k] for k in ("stage", "seconds", "cache_hit", "cache_key")} for rec in m["stages"]],
+        **({"selection": m["selection"]} if "selection" in m else {}),
+    }
 
 
 def _fmt_cos(rec: dict | None) -> str:
@@ -131,7 +202,10 @@ def _print_build_summary(bundle) -> None:
     for col in ("stage", "seconds", "cache", "key metrics"):
         stages.add_column(col, justify="right" if col == "seconds" else "left")
     for rec in m["stages"]:
-        stages.add_row(rec["stage"], f"{rec['seconds']:.1f}", "hit" if rec["cache_hit"] else "ran", _key_metrics(rec))
+        cache = "hit" if rec["cache_hit"] else "ran"
+        if _verbose():
+            cache += f" {rec['cache_key'][:12]}" + (f"\n{rec['decision']}" if rec.get("decision") else "")
+        stages.add_row(rec["stage"], f"{rec['seconds']:.1f}", cache, _key_metrics(rec))
     console.print(stages)
     size = sum(f["bytes"] for f in m["files"].values())
     lat = m.get("latency", {})
@@ -197,7 +271,8 @@ def _key_metrics(rec: dict) -> str:
 
 
 @cli.command()
-def targets() -> None:
+@json_option
+def targets(as_json: bool) -> None:
     """List the targets edgepipe can build for, one line each.
 
     \b
@@ -208,19 +283,22 @@ def targets() -> None:
     from edgepipe.runtimes import get_runtime
 
     table = Table("target", "runtime", "precision", "validated here", "description")
+    rows = []
     for name in target_names():
         t = load_target(name)
         try:
             ok, why = get_runtime(t.runtime).can_run_here(t)
-            here = "yes" if ok else f"no ({why})"
         except EdgepipeError as exc:
-            here = f"no ({exc.message})"
-        table.add_row(name, t.runtime, t.precision, here, t.description)
-    console.print(table)
+            ok, why = False, exc.message
+        table.add_row(name, t.runtime, t.precision, "yes" if ok else f"no ({why})", t.description)
+        keys = ("runtime", "precision", "precisions", "candidates", "description", "path")
+        rows.append({"name": name, **{k: getattr(t, k) for k in keys}, "validated_here": ok, "why": why})
+    _listing("targets", rows, table, as_json)
 
 
 @cli.command()
-def models() -> None:
+@json_option
+def models(as_json: bool) -> None:
     """List the shipped model recipes.
 
     \b
@@ -230,17 +308,33 @@ def models() -> None:
     from edgepipe.config import DEFAULT_MODEL, load_recipe, model_names
 
     table = Table("model", "kind", "teacher", "student", "description")
+    rows = []
     for name in model_names():
         r = load_recipe(name)
         layers = f"layers {list(r.student.layers)}" if r.student and r.student.layers else "all layers"
         student = f"{layers}, {r.student.attention}" if r.student else "-"
         table.add_row(name + (" (default)" if name == DEFAULT_MODEL else ""), r.kind, r.teacher, student, r.description)
-    console.print(table)
+        rows.append(
+            {"name": name, "default": name == DEFAULT_MODEL, "kind": r.kind, "teacher": r.teacher}
+            | {"student": r.to_dict()["student"], "description": r.description, "path": r.path}
+        )
+    _listing("models", rows, table, as_json)
+
+
+def _listing(command: str, rows: list[dict], table: Table, as_json: bool) -> None:
+    """targets / models: the document, the names (-q) or the table."""
+    if as_json:
+        _document(command, **{command: rows})
+    elif _quiet():
+        click.echo("\n".join(r["name"] for r in rows))
+    else:
+        console.print(table)
 
 
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-def inspect(bundle: Path) -> None:
+@json_option
+def inspect(bundle: Path, as_json: bool) -> None:
     """Summarise a bundle's manifest and verify the sha256 of every file.
 
     \b
@@ -251,6 +345,11 @@ def inspect(bundle: Path) -> None:
     from edgepipe.harness.runner import bench_kind
 
     m = open_bundle(bundle)
+    if as_json:
+        return _document("inspect", bundle=str(bundle.resolve()), files_verified=len(m["files"]), manifest=m)
+    if _quiet():
+        what = f"{m['model']} -> {m['target']['name']} ({m['runtime']}, {m['precision']})"
+        return click.echo(f"{what}: {len(m['files'])} files verified")
     head = Table(show_header=False, box=None)
     head.add_row("model", f"{m['model']} ({m['kind']})")
     head.add_row("target", f"{m['target']['name']}: {m['target']['description']}")
@@ -309,7 +408,8 @@ def _print_plan(plan: list[dict]) -> None:
     type=click.Path(path_type=Path),
     help="The teacher's checkpoint directory, where it is not where the bundle was built.",
 )
-def check(bundle: Path, text: Path | None, samples: int, teacher: Path | None) -> None:
+@json_option
+def check(bundle: Path, text: Path | None, samples: int, teacher: Path | None, as_json: bool) -> None:
     """Run the bundle's check.npz in its runtime here and report the error against its tolerances; with --text,
     measure how close the bundle stays to its teacher on your own text.
 
@@ -322,10 +422,27 @@ def check(bundle: Path, text: Path | None, samples: int, teacher: Path | None) -
     from edgepipe.errors import BuildError
 
     if text is not None:
-        _check_text(bundle, text, samples, teacher)
+        _check_text(bundle, text, samples, teacher, as_json)
         return
     report = check_bundle(bundle)
     res = report.result
+    failed = BuildError(
+        f"Bundle {bundle} fails its check: {'; '.join(res['problems'])}.", hint="Rebuild it with --force."
+    )
+    if as_json:
+        fields = {
+            "bundle": str(bundle.resolve()),
+            "runtime": report.manifest["runtime"],
+            "precision": report.manifest["precision"],
+        }
+        if not report.passed:
+            click.get_current_context().meta[_PARTIAL] = {**fields, "passed": False, "result": res}
+            raise failed
+        return _document("check", **fields, passed=True, result=res)
+    if _quiet():
+        if not report.passed:
+            raise failed
+        return click.echo(f"check passed: {bundle}")
     table = Table("output", "mean cosine", "min cosine", "max abs", "tolerance")
     tolerance = f"cos ≥ {res['min_cosine_required']}, abs ≤ {res['atol']}"
     for name, m in res["outputs"].items():
@@ -335,18 +452,20 @@ def check(bundle: Path, text: Path | None, samples: int, teacher: Path | None) -
         table.add_row("greedy tokens", f"{res['token_agreement']:.4f} agree", "", "", f"agreement ≥ {need}")
     console.print(table)
     if not report.passed:
-        raise BuildError(
-            f"Bundle {bundle} fails its check: {'; '.join(res['problems'])}.", hint="Rebuild it with --force."
-        )
+        raise failed
     console.print(f"[green]check passed[/] ({report.manifest['runtime']}, {report.manifest['precision']})")
 
 
-def _check_text(bundle: Path, text: Path, samples: int, teacher: Path | None) -> None:
+def _check_text(bundle: Path, text: Path, samples: int, teacher: Path | None, as_json: bool) -> None:
     from edgepipe.bundle import text_fidelity
 
     fid = text_fidelity(bundle, text, samples, teacher)
     m, res = fid.manifest, fid.result
     held = m.get("fidelity", {}).get("lowered") or {}
+    if as_json:
+        worst = [{"cosine": cos, "line": line} for cos, line in fid.worst]
+        fields = {"bundle": str(bundle.resolve()), "text": str(text), "teacher": str(fid.teacher), "result": res}
+        return _document("check", **fields, held_back=held or None, worst=worst)
     columns = ("text", "sentences", "mean cosine", "min cosine")
     table = Table(*columns, title="fidelity vs the teacher", title_justify="left")
     for name, rec in ((str(text), res), ("held-back (the build's)", held)):
@@ -439,7 +558,8 @@ def deploy(bundle: Path, url: str, **options) -> None:
 @click.option("--context", help="Decoders: context lengths to time decode at, e.g. 256,1024,4096.")
 @click.option("--threads", type=int, help="Runtime threads on the device.")
 @click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(path_type=Path))
-def bench(bundle: Path, url: str, **options) -> None:
+@json_option
+def bench(bundle: Path, url: str, as_json: bool, **options) -> None:
     """Measure BUNDLE's latency on a device (deploying it first) and fetch the result JSON into results/.
 
     \b
@@ -447,17 +567,26 @@ def bench(bundle: Path, url: str, **options) -> None:
       edgepipe bench artifacts/minilm-student/host-cpu --device local --seq 128
       edgepipe bench artifacts/minilm-student/jetson-orin-nano --device ssh://nvidia@orin.local --runs 200
     """
-    import json
-
+    from edgepipe.errors import BuildError
     from edgepipe.harness.remote import bench as _bench
     from edgepipe.harness.report import compare_table, load_results
 
     path = _bench(bundle, url, **options)
-    console.print(compare_table(load_results([path])))
-    check = json.loads(path.read_text()).get("check", {})
-    if check.get("passed") is False:
-        err_console.print("[bold red]warning:[/] the outputs on the device differ beyond the bundle's tolerances.")
-    console.print(f"Wrote {path}")
+    result = json.loads(path.read_text())
+    if not (as_json or _quiet()):
+        console.print(compare_table(load_results([path])))
+        console.print(f"Wrote {path}")
+    check = result.get("check", {})
+    if check.get("passed") is False:  # the result is written (it says what failed); the exit code says it failed
+        click.get_current_context().meta[_PARTIAL] = {"results": str(path.resolve()), "result": result}
+        raise BuildError(
+            f"On {url} the outputs of {bundle} differ beyond its tolerances: {'; '.join(check.get('problems', []))}.",
+            hint=f"See {path}; rebuild with --force or check the device's runtime version.",
+        )
+    if as_json:
+        _document("bench", results=str(path.resolve()), result=result)
+    elif _quiet():
+        click.echo(path)
 
 
 @cli.command()
@@ -465,7 +594,10 @@ def bench(bundle: Path, url: str, **options) -> None:
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a latency/fidelity plot (PNG).")
 @click.option("--html", "html_path", type=click.Path(path_type=Path), help="Write the table as HTML.")
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Write the table as CSV.")
-def compare(results: tuple[Path, ...], plot_path: Path | None, html_path: Path | None, csv_path: Path | None) -> None:
+@json_option
+def compare(
+    results: tuple[Path, ...], plot_path: Path | None, html_path: Path | None, csv_path: Path | None, as_json: bool
+) -> None:
     """Compare bench results across targets, devices and precisions in one table.
 
     \b
@@ -475,10 +607,21 @@ def compare(results: tuple[Path, ...], plot_path: Path | None, html_path: Path |
     from edgepipe.harness import report
 
     loaded = report.load_results(list(results))
-    console.print(report.compare_table(loaded))
-    for path, writer in ((csv_path, report.write_csv), (html_path, report.write_html), (plot_path, report.plot)):
+    if not as_json:  # the table is compare's result: -q prints it too
+        console.print(report.compare_table(loaded))
+    written = {}
+    for kind, path, writer in (
+        ("csv", csv_path, report.write_csv),
+        ("html", html_path, report.write_html),
+        ("plot", plot_path, report.plot),
+    ):
         if path is not None:
-            console.print(f"Wrote {writer(loaded, path)}")
+            written[kind] = str(writer(loaded, path))
+            if not as_json:
+                click.echo(f"Wrote {written[kind]}")
+    if as_json:
+        rows = [{**report.row(r), "source": r.get("_path")} for r in loaded]
+        _document("compare", rows=rows, written=written)
 
 
 def main() -> None:

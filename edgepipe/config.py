@@ -463,6 +463,7 @@ class ValidateConfig:
     samples: int = 512
     max_len: int = 128
     min_cosine: float = 0.99  # held-back mean cosine vs the teacher the shipped bundle must keep
+    strict: bool = False  # a missed bar fails the build (exit 1, no bundle) instead of a warning; --strict sets it
 
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -703,6 +704,19 @@ def apply_overrides(data: dict, overrides: tuple[str, ...] | list[str]) -> dict:
                 raise UsageError(f"Override '{item}': '{part}' is not a table.")
         node[leaf] = value
     return data
+
+
+def overrides_from(sets: dict) -> tuple[str, ...]:
+    """``--set`` strings from Python keywords: ``distill__steps=200``, ``**{"distill.steps": 200}`` or
+    ``distill={"steps": 200}`` all give ``distill.steps=200`` (values written as TOML)."""
+    out: list[str] = []
+    for key, value in sets.items():
+        key = key.replace("__", ".")
+        if isinstance(value, dict):
+            out += overrides_from({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out.append(f"{key}={json.dumps(value, default=str)}")  # JSON scalars, strings and arrays are TOML
+    return tuple(out)
 
 
 def load_recipe(name_or_path: str, overrides: tuple[str, ...] = ()) -> ModelRecipe:

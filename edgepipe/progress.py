@@ -18,11 +18,12 @@ from rich.progress import Progress as RichProgress
 
 
 class Progress:
-    """Stage spinners and step bars; ``quiet`` turns everything off (library callers and tests)."""
+    """Stage spinners and step bars; ``quiet`` turns everything off (library callers and tests), ``verbose`` adds
+    each stage's cache directory."""
 
-    def __init__(self, console: Console | None = None, quiet: bool = False) -> None:
+    def __init__(self, console: Console | None = None, quiet: bool = False, verbose: bool = False) -> None:
         self.console = console or Console(stderr=True)
-        self.quiet = quiet
+        self.quiet, self.verbose = quiet, verbose
 
     @contextmanager
     def stage(self, label: str) -> Iterator[None]:
@@ -35,7 +36,8 @@ class Progress:
     def done(self, label: str, result) -> None:
         if not self.quiet:
             how = "cached" if result.cache_hit else f"{result.seconds:.1f} s"
-            self.console.print(f"[green]✓[/] {label} [dim]({how})[/]")
+            where = f" {result.dir}" if self.verbose else ""
+            self.console.print(f"[green]✓[/] {label} [dim]({how}){where}[/]", highlight=False)
 
     def note(self, text: str) -> None:
         if not self.quiet:

@@ -37,6 +37,8 @@ LONG = {  # module: why it stays over MAX_LINES
     "runtimes/tensorrt.py": "the rule checker, the build plan and the decoder Q/DQ fit of one runtime",
     "harness/remote.py": "ssh, adb and local transports behind one deploy/bench contract",
     "config.py": "every recipe and target table's dataclass, by design: one place owns the vocabulary",
+    "cli.py": "every command's flags, its tables and its --json document (docs/cli-json.md); the tables moving to "
+    "their own module is the next layout step",
 }
 
 

@@ -2,18 +2,24 @@
 
 Three recipes (``encoder``, ``decoder``, ``optimum``) each hold one ``driver.Build``; ``route`` decides which one a
 model takes (docs/architecture.md, "The build"). Nothing below this package imports it.
+
+The package is also the Python API's build: ``edgepipe.build(model=..., target=..., precision=...)`` calls
+``build_bundle`` (the module is callable, see the end of this file).
 """
 
 from __future__ import annotations
 
+import inspect
+import sys
+import types
 from pathlib import Path
 
 from edgepipe.build.driver import Bundle, writable_out
 from edgepipe.cache import StageCache
-from edgepipe.config import RunConfig, resolve_teacher
+from edgepipe.config import RunConfig, overrides_from, resolve_run_config, resolve_teacher
 from edgepipe.progress import Progress
 
-__all__ = ["Bundle", "build"]
+__all__ = ["Bundle", "build", "build_bundle"]
 
 
 def build(
@@ -40,3 +46,50 @@ def build(
     if route.path == "optimum":
         return build_optimum(cfg, route, checkpoint, cache, progress)
     return build_encoder(cfg, cache, progress, route.to_dict())
+
+
+def build_bundle(
+    model: str | Path | None = None,
+    target: str = "host-cpu",
+    precision: str | None = None,
+    *,
+    out: str | Path = "artifacts",
+    task: str | None = None,
+    strict: bool = False,
+    force: bool = False,
+    progress: bool = False,
+    **sets,
+) -> Bundle:
+    """``edgepipe build`` from Python: the same resolution, stages, cache and bundle, returned instead of printed.
+
+    Args:
+        model: A recipe name (``edgepipe models``), a recipe TOML or a checkpoint directory (None: the default).
+        target: A target name (``edgepipe targets``) or a TOML path.
+        precision: A precision plan (None: the target's default, or its measured candidates).
+        out: The output root; the bundle is ``out/<model>/<target>``.
+        task: Optimum's export task for a checkpoint directory (None: from its config.json).
+        strict: A missed fidelity bar raises instead of shipping with a warning (``validate.strict``).
+        force: Recompute every stage instead of using the cache.
+        progress: Draw stage spinners and bars on stderr.
+        **sets: Recipe overrides, as ``--set`` takes them: ``distill__steps=200``, ``validate={"samples": 64}``
+            or ``**{"quantize.fidelity_budget": 0.02}``.
+
+    Returns:
+        The bundle: ``path``, ``manifest``, ``fidelity``; ``.load()`` opens it in its runtime.
+
+    Raises:
+        EdgepipeError: What the CLI reports in one line (bad input, export, validation, a missed bar with strict).
+    """
+    overrides = overrides_from(sets) + (("validate.strict=true",) if strict else ())
+    cfg = resolve_run_config(None if model is None else str(model), target, precision, out, overrides, task=task)
+    return build(cfg, force=force, progress=Progress(quiet=not progress))
+
+
+class _CallableModule(types.ModuleType):
+    """``edgepipe.build`` is this package (an attribute Python sets on import) and the API's build function."""
+
+    __call__ = staticmethod(build_bundle)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+__signature__ = inspect.signature(build_bundle)  # what help() and IDEs show for edgepipe.build(...)

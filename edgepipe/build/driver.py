@@ -32,8 +32,21 @@ NOT_MEASURED = "not measurable on this machine; run `edgepipe bench` on the devi
 
 @dataclass
 class Bundle:
+    """A written bundle: its directory and manifest (``edgepipe.build`` returns one)."""
+
     path: Path
     manifest: dict
+
+    @property
+    def fidelity(self) -> dict:
+        """The manifest's fidelity record: each stage vs the teacher on held-back text, the bar and whether it held."""
+        return self.manifest.get("fidelity", {})
+
+    def load(self):
+        """The bundle opened in its runtime here (``edgepipe.load``): ``encode`` / ``generate``."""
+        from edgepipe.bundle import load
+
+        return load(self.path)
 
 
 @dataclass(frozen=True)

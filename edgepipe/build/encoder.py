@@ -96,9 +96,15 @@ class EncoderBuild:
         v = self.recipe.validate
         vs_teacher = best.validated.meta["vs_teacher"]["mean_cosine"]
         if vs_teacher < v.min_cosine:
+            missed = f"held-back mean cosine vs the teacher is {vs_teacher:.4f}, below the recipe's bar {v.min_cosine}"
+            if v.strict:
+                raise BuildError(
+                    f"{self.recipe.name} at {best.precision}: {missed} (validate.min_cosine, strict).",
+                    hint="More distill.steps or a wider student would close it; without --strict it ships with a "
+                    "warning.",
+                )
             self.build.progress.note(
-                f"held-back mean cosine vs the teacher is {vs_teacher:.4f}, below the recipe's bar {v.min_cosine} "
-                "(validate.min_cosine): more distill.steps or a wider student would close it"
+                f"{missed} (validate.min_cosine): more distill.steps or a wider student would close it"
             )
         return self.write_bundle(best, latency, model_loader)
 
