@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from edgepipe.errors import EdgepipeError
+from edgepipe.errors import EdgepipeError, UsageError
 
 # Tables stay readable when piped or logged (rich falls back to 80 columns without a terminal).
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -92,7 +92,7 @@ def cli(ctx: click.Context, debug: bool, quiet: bool, verbose: bool) -> None:
       edgepipe check artifacts/minilm-student/host-cpu
     """
     if quiet and verbose:
-        raise click.UsageError("-q and -v contradict each other; pass one.")
+        raise UsageError("-q and -v contradict each other.", hint="Pass one of them.")
     ctx.obj = {"quiet": quiet, "verbose": verbose}
 
 

@@ -37,7 +37,7 @@ class Progress:
         if not self.quiet:
             how = "cached" if result.cache_hit else f"{result.seconds:.1f} s"
             where = f" {result.dir}" if self.verbose else ""
-            self.console.print(f"[green]✓[/] {label} [dim]({how}){where}[/]", highlight=False)
+            self.console.print(f"[green]✓[/] {label} [dim]({how}){where}[/]", highlight=False, soft_wrap=True)
 
     def note(self, text: str) -> None:
         if not self.quiet:

@@ -127,6 +127,23 @@ def test_generation_from_the_bundle_equals_eager_pytorch(lm):
     assert out.ttft_ms > 0
 
 
+def test_edgepipe_load_generates_eager_pytorchs_tokens(lm):
+    """The Python API on a decoder bundle: edgepipe.load(...).generate in onnxruntime, against eager PyTorch."""
+    import edgepipe
+
+    bundle = lm()
+    loaded = edgepipe.load(bundle.path)
+    out = loaded.generate(PROMPT, max_new_tokens=12)
+    from tokenizers import Tokenizer
+
+    prompt = Tokenizer.from_file(str(bundle.path / "tokenizer.json")).encode(PROMPT, add_special_tokens=False).ids
+    want = generate_eager(_eager(bundle), torch.tensor([prompt]), 12)[0, len(prompt) :].tolist()
+    eos = bundle.manifest["decoder"]["eos_id"]
+    assert out.tokens == (want[: want.index(eos) + 1] if eos in want else want) and out.text
+    with pytest.raises(UsageError, match="encode returns sentence embeddings"):
+        loaded.encode(["a sentence"])
+
+
 def test_a8w16_bundle_keeps_an_int8_kv_cache_and_tracks_fp32(lm, tmp_path):
     bundle = lm(precision="a8w16", out=tmp_path)
     m = bundle.manifest
