@@ -438,6 +438,7 @@ def deploy(bundle: Path, url: str, **options) -> None:
 @click.option("--seq", type=int, help="Sequence length (default: check.npz's).")
 @click.option("--context", help="Decoders: context lengths to time decode at, e.g. 256,1024,4096.")
 @click.option("--threads", type=int, help="Runtime threads on the device.")
+@click.option("--profile", is_flag=True, help="Per-op times from the runtime's own profiler, after the timed runs.")
 @click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(path_type=Path))
 def bench(bundle: Path, url: str, **options) -> None:
     """Measure BUNDLE's latency on a device (deploying it first) and fetch the result JSON into results/.
@@ -454,10 +455,20 @@ def bench(bundle: Path, url: str, **options) -> None:
 
     path = _bench(bundle, url, **options)
     console.print(compare_table(load_results([path])))
+    _print_extra_tables(load_results([path]))
     check = json.loads(path.read_text()).get("check", {})
     if check.get("passed") is False:
         err_console.print("[bold red]warning:[/] the outputs on the device differ beyond the bundle's tolerances.")
     console.print(f"Wrote {path}")
+
+
+def _print_extra_tables(results: list[dict]) -> None:
+    """The device-by-device table (results from more than one device) and the profiles (bench --profile)."""
+    from edgepipe.harness import report
+
+    for table in (report.device_table(results), report.profile_table(results)):
+        if table is not None:
+            console.print(table)
 
 
 @cli.command()
@@ -476,6 +487,7 @@ def compare(results: tuple[Path, ...], plot_path: Path | None, html_path: Path |
 
     loaded = report.load_results(list(results))
     console.print(report.compare_table(loaded))
+    _print_extra_tables(loaded)
     for path, writer in ((csv_path, report.write_csv), (html_path, report.write_html), (plot_path, report.plot)):
         if path is not None:
             console.print(f"Wrote {writer(loaded, path)}")
