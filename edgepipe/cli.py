@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from edgepipe.errors import EdgepipeError
+from edgepipe.errors import EdgepipeError, UsageError
 
 # Tables stay readable when piped or logged (rich falls back to 80 columns without a terminal).
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -391,7 +391,7 @@ _DEVICE_HELP = "local, ssh://user@host[:port] or adb://serial."
 def _device_options(fn):
     for option in reversed(
         [
-            click.option("--device", "url", required=True, help=_DEVICE_HELP),
+            click.option("--device", "url", help=_DEVICE_HELP),
             click.option("--insecure-host-key", is_flag=True, help="Skip the SSH host key check (lab devices only)."),
             click.option(
                 "--known-hosts", type=click.Path(path_type=Path), help="known_hosts file (default ~/.ssh/known_hosts)."
@@ -422,6 +422,8 @@ def deploy(bundle: Path, url: str, **options) -> None:
     """
     from edgepipe.harness.remote import deploy as _deploy
 
+    if url is None:
+        raise UsageError("deploy needs --device.", hint=f"Pass --device {_DEVICE_HELP}")
     result = _deploy(bundle, url, **options)
     what = f"copied {result.files} files, {result.bytes / 1e6:.1f} MB" if result.copied else "already there, unchanged"
     console.print(f"[green]deployed[/] {bundle} -> {url}:{result.remote_dir} ({what}, {result.seconds:.1f} s)")
@@ -440,19 +442,34 @@ def deploy(bundle: Path, url: str, **options) -> None:
 @click.option("--threads", type=int, help="Runtime threads on the device.")
 @click.option("--profile", is_flag=True, help="Per-op times from the runtime's own profiler, after the timed runs.")
 @click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(path_type=Path))
-def bench(bundle: Path, url: str, **options) -> None:
+@click.option(
+    "--devices",
+    "devices_file",
+    type=click.Path(path_type=Path),
+    help="A devices.toml ([devices.NAME] url = ...): bench on every device, one result each.",
+)
+def bench(bundle: Path, url: str | None, devices_file: Path | None, **options) -> None:
     """Measure BUNDLE's latency on a device (deploying it first) and fetch the result JSON into results/.
 
     \b
     Examples:
       edgepipe bench artifacts/minilm-student/host-cpu --device local --seq 128
       edgepipe bench artifacts/minilm-student/jetson-orin-nano --device ssh://nvidia@orin.local --runs 200
+      edgepipe bench artifacts/minilm-student/raspberry-pi-5 --devices devices.toml --profile
     """
     import json
 
     from edgepipe.harness.remote import bench as _bench
     from edgepipe.harness.report import compare_table, load_results
 
+    if (url is None) == (devices_file is None):
+        raise UsageError(
+            "bench needs exactly one of --device and --devices.",
+            hint=f"--device takes {_DEVICE_HELP} --devices takes a devices.toml.",
+        )
+    if devices_file is not None:
+        _bench_fleet(bundle, devices_file, options)
+        return
     path = _bench(bundle, url, **options)
     console.print(compare_table(load_results([path])))
     _print_extra_tables(load_results([path]))
@@ -460,6 +477,34 @@ def bench(bundle: Path, url: str, **options) -> None:
     if check.get("passed") is False:
         err_console.print("[bold red]warning:[/] the outputs on the device differ beyond the bundle's tolerances.")
     console.print(f"Wrote {path}")
+
+
+def _bench_fleet(bundle: Path, devices_file: Path, options: dict) -> None:
+    """bench --devices: every device of the file, a line as each finishes, then one table; exit 1 if any failed."""
+    from edgepipe.harness.fleet import bench_fleet, load_devices
+    from edgepipe.harness.report import compare_table, load_results
+
+    devices = load_devices(devices_file)
+    machines = len({d.machine for d in devices})
+    console.print(f"benching {bundle} on {len(devices)} devices ({machines} machines in parallel)")
+
+    def done(outcome) -> None:
+        name = escape(f"{outcome.device.name} ({outcome.device.url})")
+        if outcome.error is None:
+            console.print(f"[green]done[/] {name} in {outcome.seconds:.1f} s: {outcome.path}", highlight=False)
+        else:
+            err_console.print(f"[bold red]failed[/] {name}: {escape(outcome.error)}", highlight=False)
+
+    outcomes = bench_fleet(bundle, devices, on_done=done, **options)
+    paths = [o.path for o in outcomes if o.path is not None]
+    if paths:
+        results = load_results(paths)
+        console.print(compare_table(results))
+        _print_extra_tables(results)
+    failed = [o for o in outcomes if o.error is not None]
+    console.print(f"{len(paths)} of {len(outcomes)} devices measured" + (f", {len(failed)} failed" if failed else ""))
+    if failed:
+        sys.exit(1)
 
 
 def _print_extra_tables(results: list[dict]) -> None:
