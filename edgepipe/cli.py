@@ -442,12 +442,7 @@ def deploy(bundle: Path, url: str, **options) -> None:
 @click.option("--threads", type=int, help="Runtime threads on the device.")
 @click.option("--profile", is_flag=True, help="Per-op times from the runtime's own profiler, after the timed runs.")
 @click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(path_type=Path))
-@click.option(
-    "--devices",
-    "devices_file",
-    type=click.Path(path_type=Path),
-    help="A devices.toml ([devices.NAME] url = ...): bench on every device, one result each.",
-)
+@click.option("--devices", "devices_file", type=click.Path(path_type=Path), help="devices.toml: bench on each device.")
 def bench(bundle: Path, url: str | None, devices_file: Path | None, **options) -> None:
     """Measure BUNDLE's latency on a device (deploying it first) and fetch the result JSON into results/.
 
@@ -459,61 +454,20 @@ def bench(bundle: Path, url: str | None, devices_file: Path | None, **options) -
     """
     import json
 
+    from edgepipe.harness.fleet import bench_and_print
     from edgepipe.harness.remote import bench as _bench
-    from edgepipe.harness.report import compare_table, load_results
+    from edgepipe.harness.report import compare_table, extra_tables, load_results
 
     if (url is None) == (devices_file is None):
-        raise UsageError(
-            "bench needs exactly one of --device and --devices.",
-            hint=f"--device takes {_DEVICE_HELP} --devices takes a devices.toml.",
-        )
+        raise UsageError("bench needs exactly one of --device and --devices.", hint=f"--device takes {_DEVICE_HELP}")
     if devices_file is not None:
-        _bench_fleet(bundle, devices_file, options)
-        return
+        sys.exit(0 if bench_and_print(bundle, devices_file, console, err_console, options) else 1)
     path = _bench(bundle, url, **options)
-    console.print(compare_table(load_results([path])))
-    _print_extra_tables(load_results([path]))
+    console.print(compare_table(load_results([path])), *extra_tables(load_results([path])))
     check = json.loads(path.read_text()).get("check", {})
     if check.get("passed") is False:
         err_console.print("[bold red]warning:[/] the outputs on the device differ beyond the bundle's tolerances.")
     console.print(f"Wrote {path}")
-
-
-def _bench_fleet(bundle: Path, devices_file: Path, options: dict) -> None:
-    """bench --devices: every device of the file, a line as each finishes, then one table; exit 1 if any failed."""
-    from edgepipe.harness.fleet import bench_fleet, load_devices
-    from edgepipe.harness.report import compare_table, load_results
-
-    devices = load_devices(devices_file)
-    machines = len({d.machine for d in devices})
-    console.print(f"benching {bundle} on {len(devices)} devices ({machines} machines in parallel)")
-
-    def done(outcome) -> None:
-        name = escape(f"{outcome.device.name} ({outcome.device.url})")
-        if outcome.error is None:
-            console.print(f"[green]done[/] {name} in {outcome.seconds:.1f} s: {outcome.path}", highlight=False)
-        else:
-            err_console.print(f"[bold red]failed[/] {name}: {escape(outcome.error)}", highlight=False)
-
-    outcomes = bench_fleet(bundle, devices, on_done=done, **options)
-    paths = [o.path for o in outcomes if o.path is not None]
-    if paths:
-        results = load_results(paths)
-        console.print(compare_table(results))
-        _print_extra_tables(results)
-    failed = [o for o in outcomes if o.error is not None]
-    console.print(f"{len(paths)} of {len(outcomes)} devices measured" + (f", {len(failed)} failed" if failed else ""))
-    if failed:
-        sys.exit(1)
-
-
-def _print_extra_tables(results: list[dict]) -> None:
-    """The device-by-device table (results from more than one device) and the profiles (bench --profile)."""
-    from edgepipe.harness import report
-
-    for table in (report.device_table(results), report.profile_table(results)):
-        if table is not None:
-            console.print(table)
 
 
 @cli.command()
@@ -531,8 +485,7 @@ def compare(results: tuple[Path, ...], plot_path: Path | None, html_path: Path |
     from edgepipe.harness import report
 
     loaded = report.load_results(list(results))
-    console.print(report.compare_table(loaded))
-    _print_extra_tables(loaded)
+    console.print(report.compare_table(loaded), *report.extra_tables(loaded))
     for path, writer in ((csv_path, report.write_csv), (html_path, report.write_html), (plot_path, report.plot)):
         if path is not None:
             console.print(f"Wrote {writer(loaded, path)}")

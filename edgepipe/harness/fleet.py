@@ -25,8 +25,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.console import Console
+from rich.markup import escape
+
 from edgepipe.errors import ConfigError, EdgepipeError, UsageError
-from edgepipe.harness import remote
+from edgepipe.harness import remote, report
 
 # devices.toml keys per device: (type, what it is)
 DEVICE_KEYS = {
@@ -192,3 +195,26 @@ def _bench_one(bundle_dir: Path, device: FleetDevice, options: dict) -> FleetOut
     except Exception as e:  # one device's surprise must not take the others down; it is still one line
         message = (str(e).strip().splitlines() or [""])[0]
         return FleetOutcome(device, None, f"{type(e).__name__}: {message}", time.perf_counter() - start)
+
+
+def bench_and_print(bundle: Path, devices_file: Path, console: Console, err_console: Console, options: dict) -> bool:
+    """`edgepipe bench --devices`: a line as each device finishes, then the tables; False if any device failed."""
+    devices = load_devices(devices_file)
+    machines = len({d.machine for d in devices})
+    console.print(f"benching {bundle} on {len(devices)} devices ({machines} machines in parallel)")
+
+    def done(outcome: FleetOutcome) -> None:
+        name = escape(f"{outcome.device.name} ({outcome.device.url})")
+        if outcome.error is None:
+            console.print(f"[green]done[/] {name} in {outcome.seconds:.1f} s: {outcome.path}", highlight=False)
+        else:
+            err_console.print(f"[bold red]failed[/] {name}: {escape(outcome.error)}", highlight=False)
+
+    outcomes = bench_fleet(bundle, devices, on_done=done, **options)
+    paths = [o.path for o in outcomes if o.path is not None]
+    if paths:
+        results = report.load_results(paths)
+        console.print(report.compare_table(results), *report.extra_tables(results))
+    failed = sum(o.error is not None for o in outcomes)
+    console.print(f"{len(paths)} of {len(outcomes)} devices measured" + (f", {failed} failed" if failed else ""))
+    return not failed

@@ -174,6 +174,11 @@ def device_table(results: list[dict]) -> Table | None:
     return table
 
 
+def extra_tables(results: list[dict]) -> list[Table]:
+    """What follows the main table: the devices side by side, and the profiles (each only where it applies)."""
+    return [t for t in (device_table(results), profile_table(results)) if t is not None]
+
+
 def write_csv(results: list[dict], path: Path) -> Path:
     """The table's rows as CSV with unformatted numbers (empty where unknown)."""
     path = Path(path)
