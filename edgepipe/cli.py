@@ -510,7 +510,7 @@ _DEVICE_HELP = "local, ssh://user@host[:port] or adb://serial."
 def _device_options(fn):
     for option in reversed(
         [
-            click.option("--device", "url", required=True, help=_DEVICE_HELP),
+            click.option("--device", "url", help=_DEVICE_HELP),
             click.option("--insecure-host-key", is_flag=True, help="Skip the SSH host key check (lab devices only)."),
             click.option(
                 "--known-hosts", type=click.Path(path_type=Path), help="known_hosts file (default ~/.ssh/known_hosts)."
@@ -541,6 +541,8 @@ def deploy(bundle: Path, url: str, **options) -> None:
     """
     from edgepipe.harness.remote import deploy as _deploy
 
+    if url is None:
+        raise UsageError("deploy needs --device.", hint=f"Pass --device {_DEVICE_HELP}")
     result = _deploy(bundle, url, **options)
     what = f"copied {result.files} files, {result.bytes / 1e6:.1f} MB" if result.copied else "already there, unchanged"
     console.print(f"[green]deployed[/] {bundle} -> {url}:{result.remote_dir} ({what}, {result.seconds:.1f} s)")
@@ -557,24 +559,32 @@ def deploy(bundle: Path, url: str, **options) -> None:
 @click.option("--seq", type=int, help="Sequence length (default: check.npz's).")
 @click.option("--context", help="Decoders: context lengths to time decode at, e.g. 256,1024,4096.")
 @click.option("--threads", type=int, help="Runtime threads on the device.")
+@click.option("--profile", is_flag=True, help="Per-op times from the runtime's own profiler, after the timed runs.")
 @click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(path_type=Path))
+@click.option("--devices", "devices_file", type=click.Path(path_type=Path), help="devices.toml: bench on each device.")
 @json_option
-def bench(bundle: Path, url: str, as_json: bool, **options) -> None:
+def bench(bundle: Path, url: str | None, devices_file: Path | None, as_json: bool, **options) -> None:
     """Measure BUNDLE's latency on a device (deploying it first) and fetch the result JSON into results/.
 
     \b
     Examples:
       edgepipe bench artifacts/minilm-student/host-cpu --device local --seq 128
       edgepipe bench artifacts/minilm-student/jetson-orin-nano --device ssh://nvidia@orin.local --runs 200
+      edgepipe bench artifacts/minilm-student/raspberry-pi-5 --devices devices.toml --profile
     """
     from edgepipe.errors import BuildError
+    from edgepipe.harness.fleet import bench_and_print
     from edgepipe.harness.remote import bench as _bench
-    from edgepipe.harness.report import compare_table, load_results
+    from edgepipe.harness.report import compare_table, extra_tables, load_results
 
+    if (url is None) == (devices_file is None):
+        raise UsageError("bench needs exactly one of --device and --devices.", hint=f"--device takes {_DEVICE_HELP}")
+    if devices_file is not None:
+        sys.exit(0 if bench_and_print(bundle, devices_file, console, err_console, options) else 1)
     path = _bench(bundle, url, **options)
     result = json.loads(path.read_text())
     if not (as_json or _quiet()):
-        console.print(compare_table(load_results([path])))
+        console.print(compare_table(load_results([path])), *extra_tables(load_results([path])))
         console.print(f"Wrote {path}")
     check = result.get("check", {})
     if check.get("passed") is False:  # the result is written (it says what failed); the exit code says it failed
@@ -608,7 +618,7 @@ def compare(
 
     loaded = report.load_results(list(results))
     if not as_json:  # the table is compare's result: -q prints it too
-        console.print(report.compare_table(loaded))
+        console.print(report.compare_table(loaded), *report.extra_tables(loaded))
     written = {}
     for kind, path, writer in (
         ("csv", csv_path, report.write_csv),

@@ -405,6 +405,7 @@ def _copy(t: _Transport, device: DeviceURL, bundle: Path, manifest: dict, remote
     pairs = [(bundle / rel, f"{remote_dir}.partial/{rel}") for rel in rels] + [
         (RUNNER, f"{remote_dir}.partial/runner.py")
     ]
+    pairs += [(RUNNER.parent / name, f"{remote_dir}.partial/{name}") for name in _runner.SHIPPED]
     need = sum(local.stat().st_size for local, _ in pairs)
     staging = f"{remote_dir}.partial"
     rc, _, err = t.run(["mkdir", "-p", staging], 60)
@@ -449,6 +450,7 @@ def _deploy(
         and not report["files"]["problems"]
         and report["manifest_sha256"] == _runner.sha256_file(str(bundle / "manifest.json"))
         and report["runner_sha256"] == _runner.sha256_file(str(RUNNER))
+        and report.get("shipped_sha256") == {n: _runner.sha256_file(str(RUNNER.parent / n)) for n in _runner.SHIPPED}
     )
     if not current and not in_place:
         files, nbytes = _copy(t, device, bundle, manifest, remote_dir)
@@ -540,6 +542,7 @@ def bench(
     seq: int | None = None,
     threads: int | None = None,
     context: str | None = None,
+    profile: bool = False,
     results_dir: Path = Path("results"),
     deploy_first: bool = True,
     insecure_host_key: bool = False,
@@ -557,6 +560,7 @@ def bench(
         url: ``local``, ``ssh://user@host[:port]`` or ``adb://serial``.
         runs, warmup, batch, seq, threads: Passed to runner.py (see its --help).
         context: Decoders: comma-separated context lengths to time decode at (runner.py --context).
+        profile: Per-op times from the runtime's own profiler after the timed runs (runner.py --profile).
         results_dir: Where the JSON lands, as ``<model>__<target>__<device>__<time>.json``.
         deploy_first: Deploy (a no-op when the device already holds this bundle) before running.
         Others: As for :func:`deploy`.
@@ -599,6 +603,8 @@ def bench(
         for flag, value in (("--batch", batch), ("--seq", seq), ("--threads", threads), ("--context", context)):
             if value is not None:
                 argv += [flag, str(value)]
+        if profile:
+            argv.append("--profile")
         rc, _, err = t.run(argv, run_timeout)
         last = (err.strip().splitlines() or ["no output"])[-1].removeprefix("error: ")
         if rc == _runner.EXIT_USAGE:

@@ -29,6 +29,7 @@ COLUMNS = [
     ("p90 ms", "p90_ms", "{:.3f}"),
     ("items/s", "items_per_s", "{:.1f}"),
     ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
+    ("model MB", "model_peak_mb", "{:.1f}"),
     ("size MB", "size_mb", "{:.2f}"),
     ("fidelity", "fidelity", "{}"),
     ("cos vs teacher", "teacher_cos", "{:.4f}"),
@@ -92,6 +93,8 @@ def row(result: dict) -> dict:
         "p90_ms": lat.get("p90"),
         "items_per_s": result["throughput"].get("tokens_per_s" if decoder else "items_per_s"),
         "peak_rss_mb": result["memory"].get("peak_rss_mb"),
+        # the model's own peak: RSS above the idle baseline (runtime imported, nothing loaded), same run
+        "model_peak_mb": result["memory"].get("model_peak_mb"),
         "size_mb": files_bytes / 1e6 if files_bytes is not None else None,
         "fidelity": fidelity,
         # build-time mean cosine of the lowered model vs the teacher, where the manifest records it
@@ -121,6 +124,59 @@ def compare_table(results: list[dict]) -> Table:
         style = "red" if result["check"].get("passed") is False else None
         table.add_row(*cells, style=style)
     return table
+
+
+def _where(values: dict) -> str:
+    return f"{values['model']} / {values['target']} / {values['device']}"
+
+
+def profile_table(results: list[dict], types: int = 4) -> Table | None:
+    """Where the time goes, per result that has a `profile` (bench --profile): the runtime's profiler, its mean
+    run, the largest layer types with their share and the single slowest op. None when no result has one."""
+    profiled = [r for r in results if r.get("profile")]
+    if not profiled:
+        return None
+    table = Table(title="where the time goes (bench --profile)", header_style="bold")
+    for header in ("bundle / device", "profiler", "run ms", "top layer types (share of op time)", "slowest op"):
+        table.add_column(header, justify="right" if header == "run ms" else "left")
+    for result in profiled:
+        profile = result["profile"]
+        top = ", ".join(
+            f"{t['type']} {t['share']:.0%}" if t.get("share") is not None else t["type"]
+            for t in profile.get("types", [])[:types]
+        )
+        op = (profile.get("top_ops") or [None])[0]
+        slowest = f"{op['name']} ({op['type']}) {op['ms']:.3f} ms" if op else "-"
+        table.add_row(
+            _where(row(result)), profile.get("source", "?"), _cell("{:.3f}", profile.get("total_ms")), top, slowest
+        )
+    return table
+
+
+def device_table(results: list[dict]) -> Table | None:
+    """The same bundles side by side across devices (p50 ms, check): one row per model / target / precision, one
+    column per device. None unless the results span more than one device."""
+    rows = [row(r) for r in results]
+    devices = list(dict.fromkeys(r["device"] for r in rows))
+    if len(devices) < 2:
+        return None
+    table = Table(title="p50 ms per device", header_style="bold")
+    table.add_column("model / target / precision")
+    for device in devices:
+        table.add_column(str(device), justify="right")
+    cells: dict = {}
+    for values in rows:
+        key = f"{values['model']} / {values['target']} / {values['precision']}"
+        mark = "" if values["fidelity"] is None or not str(values["fidelity"]).startswith("FAIL") else " FAIL"
+        cells.setdefault(key, {})[values["device"]] = _cell("{:.3f}", values["p50_ms"]) + mark
+    for key, by_device in cells.items():
+        table.add_row(key, *(by_device.get(d, "-") for d in devices))
+    return table
+
+
+def extra_tables(results: list[dict]) -> list[Table]:
+    """What follows the main table: the devices side by side, and the profiles (each only where it applies)."""
+    return [t for t in (device_table(results), profile_table(results)) if t is not None]
 
 
 def write_csv(results: list[dict], path: Path) -> Path:

@@ -45,6 +45,9 @@ RUNTIME_MODULES = {
 }
 PIP_NAMES = {"cuda": "cuda-python"}  # where the pip name differs from the module name
 PACKAGES = ["numpy", "onnxruntime", "executorch", "torch", "tensorrt", "cuda-python", "pycuda"]
+PROFILE_ITERATIONS = 50  # trtexec --iterations for TensorRT's --profile
+# Modules that travel with runner.py and sit beside it on the device (runner.sibling imports them).
+SHIPPED = ["profiles.py"]
 
 
 class RunnerError(Exception):
@@ -64,6 +67,14 @@ def sha256_file(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _beside(name: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+
+
+def _sha256_or_none(path: str) -> str | None:
+    return sha256_file(path) if os.path.isfile(path) else None
 
 
 def load_manifest(bundle: str) -> dict:
@@ -146,6 +157,7 @@ def verify(bundle: str) -> dict:
         "ok": not files["problems"] and runtime["importable"],
         "runner_version": RUNNER_VERSION,
         "runner_sha256": sha256_file(os.path.abspath(__file__)),
+        "shipped_sha256": {name: _sha256_or_none(_beside(name)) for name in SHIPPED},
         "manifest_sha256": sha256_file(os.path.join(bundle, "manifest.json")),
         "files": files,
         "runtime": runtime,
@@ -167,11 +179,14 @@ TENSORRT_PROXY_SESSION = {"session.disable_quant_qdq": "1"}
 
 
 class OrtSession:
-    def __init__(self, path: str, manifest: dict, threads: int | None) -> None:
+    def __init__(self, path: str, manifest: dict, threads: int | None, profile: str | None = None) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if profile:  # --profile: ORT's own profiler writes <profile>_<time>.json
+            options.enable_profiling = True
+            options.profile_file_prefix = profile
         if threads:
             options.intra_op_num_threads = threads
         for key, value in (manifest.get("session_config") or {}).items():
@@ -221,9 +236,12 @@ class OrtSession:
     def to_numpy(self, outputs: list) -> list:
         return list(outputs)
 
+    def profile_summary(self, skip_runs: int) -> dict:
+        return sibling("profiles").onnxruntime_summary(self.session.end_profiling(), skip_runs)
+
 
 class ExecuTorchSession:
-    def __init__(self, path: str, manifest: dict, threads: int | None) -> None:
+    def __init__(self, path: str, manifest: dict, threads: int | None, profile: str | None = None) -> None:
         import torch  # noqa: F401  (the pip binding needs libtorch loaded and torch tensors as inputs)
 
         runtime = executorch_runtime().get()
@@ -231,7 +249,9 @@ class ExecuTorchSession:
             import executorch.extension.pybindings.portable_lib as binding
 
             binding._unsafe_reset_threadpool(threads)
-        self.method = runtime.load_program(path).load_method("forward")
+        self.profile = profile  # --profile: an ETDump of every execution (the pip binding has the event tracer)
+        self.program = runtime.load_program(path, enable_etdump=bool(profile))
+        self.method = self.program.load_method("forward")
         meta = self.method.metadata
         self.input_shapes = [list(meta.input_tensor_meta(i).sizes()) for i in range(meta.num_inputs())]
         io = manifest.get("io") or {}
@@ -254,6 +274,18 @@ class ExecuTorchSession:
 
     def to_numpy(self, outputs: list) -> list:
         return [o.detach().cpu().numpy() if hasattr(o, "numpy") else o for o in outputs]
+
+    def profile_summary(self, skip_runs: int) -> dict:
+        etdump = self.profile + ".etdp"
+        self.program.write_etdump_result_to_file(etdump, self.profile + ".debug.bin")
+        try:
+            return sibling("profiles").executorch_summary(etdump, skip_runs)
+        except ImportError as e:
+            raise RunnerError(
+                f"--profile on ExecuTorch reads the ETDump with executorch.devtools.Inspector, which cannot be "
+                f"imported here ({e}); pip install executorch pandas, or run without --profile",
+                EXIT_MISSING_RUNTIME,
+            ) from None
 
 
 def executorch_runtime():
@@ -300,10 +332,10 @@ class TensorRTSession:
     stream sync, so they compare with onnxruntime's end-to-end session.run.
     """
 
-    def __init__(self, path: str, manifest: dict, threads: int | None) -> None:
+    def __init__(self, path: str, manifest: dict, threads: int | None, profile: str | None = None) -> None:
         import tensorrt as trt
 
-        self.trt, self.cuda = trt, _CudaBinding()
+        self.trt, self.cuda, self.path, self.profile = trt, _CudaBinding(), path, profile
         with open(path, "rb") as f:
             self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(f.read())
         if self.engine is None:
@@ -354,6 +386,29 @@ class TensorRTSession:
 
     def to_numpy(self, outputs: list) -> list:
         return [o.copy() for o in outputs]
+
+    def memory_stats(self) -> dict:
+        size = getattr(self.engine, "device_memory_size_v2", None) or getattr(self.engine, "device_memory_size", None)
+        return {"runtime_activations_mb": size / 2**20 if size else None, "runtime_memory_source": "tensorrt engine"}
+
+    def profile_summary(self, skip_runs: int) -> dict:
+        """TensorRT's per-layer times come from trtexec on the same engine (its --dumpProfile), not from this
+        session's runs. Untested in edgepipe's CI (no TensorRT there)."""
+        trtexec = shutil.which("trtexec") or next(
+            (p for p in ("/usr/src/tensorrt/bin/trtexec", "/usr/local/tensorrt/bin/trtexec") if os.path.isfile(p)),
+            None,
+        )
+        if trtexec is None:
+            raise RunnerError("--profile on TensorRT runs trtexec, which is not on this device", EXIT_MISSING_RUNTIME)
+        argv = [trtexec, "--loadEngine=" + self.path, "--dumpProfile", "--separateProfileRun", "--duration=0"]
+        argv += ["--warmUp=0", "--iterations=" + str(PROFILE_ITERATIONS), "--exportProfile=" + self.profile + ".json"]
+        argv += ["--exportLayerInfo=" + self.profile + ".layers.json"]
+        done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if done.returncode != 0:
+            tail = (done.stdout.strip().splitlines() or ["no output"])[-1]
+            raise RunnerError(f"trtexec --dumpProfile failed (exit {done.returncode}): {tail}")
+        layers = self.profile + ".layers.json"
+        return sibling("profiles").trtexec_summary(self.profile + ".json", layers if os.path.isfile(layers) else None)
 
 
 class _CudaBinding:
@@ -899,6 +954,104 @@ def _rss_mb(field: str) -> float | None:
     return None
 
 
+# ----------------------------------------------------------------------------------------------- profile, memory
+
+
+def sibling(name: str):
+    """A module shipped beside runner.py (SHIPPED): edgepipe.harness.<name> on the host, <name>.py on a device."""
+    import importlib
+
+    if __package__:
+        return importlib.import_module(__package__ + "." + name)
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise RunnerError(
+            f"runner.py needs {name}.py beside it in {here} ({e}); `edgepipe deploy` ships {', '.join(SHIPPED)}",
+            EXIT_BAD_FILES,
+        ) from None
+
+
+def profile_graph(path: str, manifest: dict, args: argparse.Namespace, feeds: dict, next_feeds=None) -> dict:
+    """--profile: a second session of the graph with the runtime's own profiler on, after the timed runs.
+
+    Runs min(warmup, 10) warm-up and min(runs, PROFILE_RUNS_MAX) profiled calls on `feeds` (decoders:
+    `next_feeds(feeds, outputs)` feeds the state back) and returns profiles.summarise's dict. The profiler's own
+    overhead stays out of latency_ms; the raw profile lives in a temporary directory and is removed.
+    """
+    import tempfile
+
+    runtime = manifest["runtime"]
+    cls = SESSIONS[runtime]
+    if not hasattr(cls, "profile_summary"):
+        raise RunnerError(f"--profile: runner.py has no profiler for {runtime}; run without --profile", EXIT_USAGE)
+    warmup, runs = min(args.warmup, 10), min(args.runs, sibling("profiles").PROFILE_RUNS_MAX)
+    tmp = tempfile.mkdtemp(prefix="edgepipe-profile-")
+    try:
+        session = cls(path, manifest, args.threads, profile=os.path.join(tmp, "profile"))
+        run = session.prepare(feeds)
+        for _ in range(warmup + runs):
+            outputs = run()
+            if next_feeds is not None:
+                feeds = next_feeds(feeds, session.to_numpy(outputs))
+                run = session.prepare(feeds)
+        return session.profile_summary(skip_runs=warmup)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class PeakMemory:
+    """The model's own peak: resident set above an idle baseline taken after the runtime is imported.
+
+    Linux resets VmHWM when "5" is written to /proc/self/clear_refs; after that VmHWM - baseline is the peak of
+    load + check + warm-up + timed runs ("VmHWM since baseline"). Where the reset fails the peak is the largest
+    VmRSS of the points sample() was called at ("VmRSS samples"), which can miss a short spike.
+    """
+
+    def __init__(self) -> None:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.reset = _rss_mb("VmHWM") is not None
+        except OSError:
+            self.reset = False
+        self.baseline = _rss_mb("VmRSS")
+        self.samples = [self.baseline or 0.0]
+
+    def sample(self) -> None:
+        self.samples.append(_rss_mb("VmRSS") or 0.0)
+
+    def record(self, rss_loaded: float | None, runtime: dict | None = None) -> dict:
+        """The memory block of the result (SCHEMA.md); `runtime` adds the runtime's own allocator numbers."""
+        self.sample()
+        peak = _rss_mb("VmHWM") if self.reset else max(self.samples)
+        memory = {
+            "rss_before_load_mb": self.baseline,
+            "rss_after_load_mb": rss_loaded,
+            "peak_rss_mb": _rss_mb("VmHWM"),
+            "baseline_rss_mb": self.baseline,
+            "model_peak_mb": peak - self.baseline if peak is not None and self.baseline is not None else None,
+            "model_peak_source": "VmHWM since baseline" if self.reset else "VmRSS samples",
+            "runtime_activations_mb": None,
+            "runtime_memory_source": None,
+        }
+        memory.update(runtime or {})
+        return memory
+
+
+def _runtime_memory(session, profile: dict | None) -> dict:
+    """The runtime's own allocator numbers: a session's memory_stats(), else ORT's arena from its profile."""
+    if hasattr(session, "memory_stats"):
+        return session.memory_stats()
+    allocator = (profile or {}).get("allocator") or {}
+    if allocator.get("in_use_peak_mb") is not None:
+        return {"runtime_activations_mb": allocator["in_use_peak_mb"], "runtime_memory_source": "onnxruntime arena"}
+    return {}
+
+
 # ----------------------------------------------------------------------------------------------- benchmark
 
 
@@ -955,7 +1108,7 @@ def _run_once(run, session, runtime: str, feeds: dict, what: str) -> list:
 def bench_encoder(bundle: str, manifest: dict, args: argparse.Namespace) -> dict:
     """Load, check against check.npz, warm up and time an encoder bundle (graph "model")."""
     check_in, check_out = load_check(bundle)
-    rss_before = _rss_mb("VmRSS")
+    peak = PeakMemory()
     t0 = time.perf_counter()
     session = SESSIONS[manifest["runtime"]](graph_path(bundle, manifest), manifest, args.threads)
     load_ms = (time.perf_counter() - t0) * 1e3
@@ -999,6 +1152,9 @@ def bench_encoder(bundle: str, manifest: dict, args: argparse.Namespace) -> dict
     times_ms = [t * 1e3 for t in times]
     total_s = sum(times)
     tokens = shape[0] * shape[1] if len(shape) > 1 else None
+    memory = peak.record(rss_loaded)  # before --profile loads a second session
+    profile = profile_graph(graph_path(bundle, manifest), manifest, args, feeds) if args.profile else None
+    memory.update(_runtime_memory(session, profile))
     return {
         "inputs": {n: {"shape": list(a.shape), "dtype": str(a.dtype)} for n, a in feeds.items()},
         "check": check,
@@ -1007,12 +1163,13 @@ def bench_encoder(bundle: str, manifest: dict, args: argparse.Namespace) -> dict
             "items_per_s": items / total_s if total_s else None,
             "tokens_per_s": tokens * args.runs / total_s if tokens and total_s else None,
         },
-        "memory": {"rss_before_load_mb": rss_before, "rss_after_load_mb": rss_loaded, "peak_rss_mb": _rss_mb("VmHWM")},
+        "memory": memory,
         "power": power,
         "thermal": thermal,
         "samples_ms": [round(t, 6) for t in times_ms],
         "session_info": session.info,
         "decoder": None,
+        "profile": profile,
     }
 
 
@@ -1131,7 +1288,7 @@ def bench_decoder(bundle: str, manifest: dict, args: argparse.Namespace) -> dict
     import numpy as np
 
     check_in, check_out = load_check(bundle)
-    rss_before = _rss_mb("VmRSS")
+    peak = PeakMemory()
     t0 = time.perf_counter()
     graphs = DecoderGraphs(bundle, manifest, args.threads)
     load_ms = (time.perf_counter() - t0) * 1e3
@@ -1175,12 +1332,16 @@ def bench_decoder(bundle: str, manifest: dict, args: argparse.Namespace) -> dict
             )
     finally:
         power, thermal = sampler.stop(len(all_ms))
+    memory = peak.record(rss_loaded)
+    profile = profile_decode(bundle, manifest, args, graphs) if args.profile else None
+    memory.update(_runtime_memory(graphs.sessions["decode"], profile))
     return {
         "inputs": {"input_ids": {"shape": list(prompt.shape), "dtype": str(prompt.dtype)}},
         "check": check,
         "latency_ms": dict(rows[0]["decode_ms"], load=load_ms, first_run=first_ms),
         "throughput": {"items_per_s": None, "tokens_per_s": rows[0]["tokens_per_s"]},
-        "memory": {"rss_before_load_mb": rss_before, "rss_after_load_mb": rss_loaded, "peak_rss_mb": _rss_mb("VmHWM")},
+        "memory": memory,
+        "profile": profile,
         "power": power,
         "thermal": thermal,
         "samples_ms": [round(t, 6) for t in all_ms[: args.runs]],
@@ -1194,6 +1355,24 @@ def bench_decoder(bundle: str, manifest: dict, args: argparse.Namespace) -> dict
             "contexts": rows,
         },
     }
+
+
+def profile_decode(bundle: str, manifest: dict, args: argparse.Namespace, graphs: DecoderGraphs) -> dict:
+    """--profile of a decoder: its decode graph, greedy steps from position 0 with the state fed back."""
+    import numpy as np
+
+    spec = graphs.state_spec
+    feeds = {"input_ids": np.ones((1, 1), dtype=np.int64), "position": np.zeros((1,), dtype=np.int64)}
+    feeds.update((s["name"], a) for s, a in zip(spec, graphs.init_state()))
+
+    def next_feeds(feeds: dict, outputs: list) -> dict:
+        token = np.array([[int(np.argmax(outputs[0][0, -1]))]], dtype=np.int64)
+        step = {"input_ids": token, "position": feeds["position"] + 1}
+        step.update((s["name"], a) for s, a in zip(spec, outputs[1:]))
+        return step
+
+    decode = dict(manifest, io=(manifest.get("io") or {})["decode"])
+    return profile_graph(graph_path(bundle, manifest, "decode"), decode, args, feeds, next_feeds)
 
 
 BENCHES = {"encoder": bench_encoder, "decoder": bench_decoder}
@@ -1307,6 +1486,9 @@ def _parser() -> argparse.ArgumentParser:
         type=_contexts,
         default=None,
         help="decoders: comma-separated context lengths to time decode at (default: the check prompt's length)",
+    )
+    p.add_argument(
+        "--profile", action="store_true", help="after the timed runs, per-op times from the runtime's own profiler"
     )
     p.add_argument("--json", default="-", help="where to write the result ('-' = stdout)")
     return p

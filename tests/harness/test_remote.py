@@ -60,12 +60,13 @@ def ssh_options(server: SshServer, **overrides: object) -> dict:
 def test_deploy_bench_compare_round_trip_over_ssh(sshd: SshServer, bundle: Path, tmp_path: Path) -> None:
     device_dir = str(tmp_path / "device" / "tiny-encoder")
     first = remote.deploy(bundle, sshd.url, remote_dir=device_dir, **ssh_options(sshd))
-    assert first.copied and first.files == 5 and first.runtime == "onnxruntime" and first.runtime_version
+    assert first.copied and first.files == 6 and first.runtime == "onnxruntime" and first.runtime_version
     assert first.verify["ok"] and first.verify["files"]["checked"] == 3
     assert sorted(p.name for p in Path(device_dir).iterdir()) == [
         "check.npz",
         "manifest.json",
         "model.onnx",
+        "profiles.py",
         "runner.py",
         "tokenizer.json",
     ]
