@@ -123,6 +123,7 @@ class OpenVinoOptions:
 
     device: str = "CPU"  # the OpenVINO device compile_model gets
     performance_hint: str = field(default="LATENCY", metadata={"choices": ("LATENCY", "THROUGHPUT")})
+    num_threads: int = 0  # INFERENCE_NUM_THREADS; 0: OpenVINO's own choice (every core)
 
 
 RUNTIME_OPTIONS: dict[str, type] = {

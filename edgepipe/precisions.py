@@ -7,6 +7,8 @@ and its own fallback, because each measures fidelity its own way:
 
 - fp32 atol: an encoder's embeddings are unit length and ONNX Runtime/XNNPACK reproduce PyTorch to 1e-5, so 1e-4;
   a decoder's logits run to ~20 over an 8k vocabulary, where summation order alone moves them by ~1e-4, so 1e-3.
+- bf16 (OpenVINO): bf16 keeps fp32's 8-bit exponent but 8 bits of mantissa, so an embedding moves by ~1e-2 at
+  most and its cosine stays above 0.999 (the fp16 tolerance); it falls back to fp32.
 - a8w16 fallback: an encoder's a8w16 keeps fp16 weights, so fp16 is the next plan down; a decoder's a8w16 keeps fp32
   weights on CPU runtimes (their fp16 GEMMs are emulated on x86) and executorch has no fp16 decoder plan, so fp32.
 
@@ -66,6 +68,15 @@ PLANS: dict[str, Plan] = {
             weight_bytes=2.0,
         ),
         Plan(
+            "bf16",
+            "weights and compute in bf16 where the CPU has native bf16 (AVX512-BF16, AMX): OpenVINO's inference "
+            "precision hint; refused on other CPUs, where OpenVINO would silently run fp32",
+            static=False,
+            fallback={"encoder": "fp32", "decoder": "fp32"},
+            check={"encoder": Tolerance(2e-2, 0.999), "decoder": Tolerance(0.25, 0.999, 0.75)},
+            weight_bytes=2.0,
+        ),
+        Plan(
             "int8-dynamic",
             "INT8 weights, activations quantized at run time (no calibration)",
             static=False,
@@ -104,6 +115,7 @@ DECODER_PLANS = {
     "onnxruntime": ("fp32", "fp16", "int8-dynamic", "a8w16"),
     "executorch": ("fp32", "a8w16"),
     "tensorrt": ("fp32", "fp16", "int8-fp16"),
+    "openvino": ("fp32",),
 }
 
 

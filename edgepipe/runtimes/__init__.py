@@ -26,8 +26,9 @@ RUNTIMES = {
     "onnxruntime": "edgepipe.runtimes.onnxruntime",
     "executorch": "edgepipe.runtimes.executorch",
     "tensorrt": "edgepipe.runtimes.tensorrt",
+    "openvino": "edgepipe.runtimes.openvino",
 }
-EXTRAS = {"onnxruntime": "onnxruntime", "executorch": "executorch", "tensorrt": "tensorrt"}
+EXTRAS = {"onnxruntime": "onnxruntime", "executorch": "executorch", "tensorrt": "tensorrt", "openvino": "openvino"}
 
 
 class Session(Protocol):
@@ -113,10 +114,24 @@ def get_runtime(name: str) -> Runtime:
         raise MissingExtraError(f"Runtime '{name}' (Python package '{missing}')", EXTRAS[name]) from None
 
 
+def cpu_flags() -> set[str]:
+    """The kernel's feature flags of this CPU (/proc/cpuinfo ``flags``; empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
+    return set(line.partition(":")[2].split())
+
+
 def cpu_has_vnni() -> bool:
     """Whether this x86 CPU has VNNI (int8 dot products); without it ORT's S8S8 int8 path overflows."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni"})
+
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bf16 arithmetic (AVX512-BF16 or AMX-BF16); elsewhere bf16 is emulated or ignored."""
+    return bool(cpu_flags() & set(BF16_FLAGS))

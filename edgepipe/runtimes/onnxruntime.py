@@ -96,6 +96,24 @@ def export_onnx(
         raise BuildError(f"ONNX export failed: {first}", hint="Run with --debug for the exporter's trace.") from exc
 
 
+ENCODER_AXES = {
+    "input_ids": {0: "batch", 1: "seq"},
+    "attention_mask": {0: "batch", 1: "seq"},
+    "sentence_embedding": {0: "batch"},
+}
+
+
+def export_encoder(model: nn.Module, example: dict[str, np.ndarray], path: Path) -> str:
+    """The plain (unfused) ONNX export of a sentence encoder, dynamic batch and sequence; returns the exporter's name.
+
+    ONNX Runtime fuses it afterwards (``fuse_for_ort``); OpenVINO lowers it as it is, since it cannot read ORT's
+    contrib ops.
+    """
+    inputs = tuple(torch.from_numpy(example[k]) for k in ("input_ids", "attention_mask"))
+    export_onnx(model, inputs, path, ["input_ids", "attention_mask"], ["sentence_embedding"], ENCODER_AXES)
+    return f"torch.onnx (TorchScript) opset {OPSET}"
+
+
 def fuse_for_ort(path: Path, num_heads: int, hidden: int, attention: bool = True) -> dict[str, int]:
     """Rewrite the graph at ``path`` with ORT's BERT fusions in place; return the fused op counts.
 
@@ -154,14 +172,7 @@ def lower_encoder(
         raise quant_required_error(precision)
     out_dir.mkdir(parents=True, exist_ok=True)
     fp32_path = out_dir / "model.fp32.onnx"
-    inputs = tuple(torch.from_numpy(example[k]) for k in ("input_ids", "attention_mask"))
-    axes = {
-        "input_ids": {0: "batch", 1: "seq"},
-        "attention_mask": {0: "batch", 1: "seq"},
-        "sentence_embedding": {0: "batch"},
-    }
-    export_onnx(model, inputs, fp32_path, ["input_ids", "attention_mask"], ["sentence_embedding"], axes)
-    report: dict = {"exporter": f"torch.onnx (TorchScript) opset {OPSET}"}
+    report: dict = {"exporter": export_encoder(model, example, fp32_path)}
     static = precision in STATIC
     if target.runtime_options.fuse:
         width = model.cfg.attention_width  # ORT's hidden_size is the attention's heads x head dim

@@ -1,0 +1,116 @@
+"""OpenVINO lowering: the plain export converted to IR runs in OpenVINO's CPU plugin and matches eager PyTorch on
+real text, at every plan this CPU can run; the bundle runs in the device runner; host-cpu's candidates include it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+ov = pytest.importorskip("openvino", reason="the openvino extra is not installed")
+
+from edgepipe.config import QuantizeConfig, load_target  # noqa: E402
+from edgepipe.data import batches, encode, load_tokenizer, read_sentences  # noqa: E402
+from edgepipe.errors import BuildError, UsageError  # noqa: E402
+from edgepipe.runtimes import QuantInputs, cpu_has_bf16  # noqa: E402
+from edgepipe.runtimes import openvino as ov_rt  # noqa: E402
+from edgepipe.stages.validate import compare, embed_session, embed_torch  # noqa: E402
+from tests.conftest import tiny_encoder  # noqa: E402
+
+NO_BF16 = "this CPU has no native bf16 (avx512_bf16 / amx_bf16 not in /proc/cpuinfo)"
+
+
+@pytest.fixture(scope="module")
+def tok(teacher_dir):
+    return load_tokenizer(teacher_dir / "tokenizer.json", 64)
+
+
+@pytest.fixture(scope="module")
+def batch(tok, sentences):
+    return encode(tok, sentences[:12])
+
+
+@pytest.fixture(scope="module")
+def quant_inputs(tok):
+    """Real calibration text (32 sentences of calibration.txt) and held-back text (64 of validation.txt) for a
+    one-layer tiny encoder (6 weight GEMMs: NNCF and the per-layer plan stay quick)."""
+    model = tiny_encoder(layers=1)
+    held = list(batches(tok, read_sentences("validation.txt", 64), 32))
+    return model, QuantInputs(
+        calibration=list(batches(tok, read_sentences("calibration.txt", 32), 32)),
+        held_out=held,
+        reference=embed_torch(model, held),
+        config=QuantizeConfig(fidelity_budget=2e-5),
+    )
+
+
+def _lower(tmp_path, model, batch, precision, quant=None):
+    return ov_rt.lower_encoder(model, batch, load_target("intel-cpu"), precision, tmp_path, quant)
+
+
+def test_lower_encoder_fp32_writes_ir_and_matches_eager(tmp_path, batch):
+    model = tiny_encoder()
+    lowered = _lower(tmp_path, model, batch, "fp32")
+    assert {p.name for p in lowered.files.values()} == {"model.xml", "model.bin"}
+    assert not list(tmp_path.glob("*.onnx"))  # the plain export is a temporary
+    assert lowered.report["inference_precision"] == "f32"
+    assert lowered.report["ops"].get("ScaledDotProductAttention") == 2  # OpenVINO fused the attention itself
+    session = ov_rt.load(lowered.files["model"])
+    assert session.inference_precision == "f32"
+    out = session.run(batch)["sentence_embedding"]
+    np.testing.assert_allclose(out, embed_torch(model, [batch]), atol=1e-5)
+    small = session.run({k: v[:3, :5] for k, v in batch.items()})["sentence_embedding"]  # dynamic batch and seq
+    assert small.shape == (3, 64)
+
+
+def test_lower_encoder_w8a8_quantizes_every_weight_gemm_with_nncf(tmp_path, batch, quant_inputs):
+    model, quant = quant_inputs
+    lowered = _lower(tmp_path, model, batch, "w8a8", quant)
+    coverage = lowered.report["int8_coverage"]
+    assert coverage["total"] == 1.0 and len(coverage["layers"]) == 6  # q, k, v, out, ffn in, ffn out
+    assert lowered.report["quantization"]["tool"].startswith("nncf ")
+    assert lowered.report["calibration"]["samples"] == 32
+    assert lowered.report["ops"].get("FakeQuantize", 0) >= 4  # on the activations (q, k, v share one)
+    fp32_bytes = 4 * sum(p.numel() for n, p in model.named_parameters() if "layers." in n)
+    float_bin = _lower(tmp_path / "fp32", model, batch, "fp32").files["weights"].stat().st_size
+    assert float_bin - lowered.files["weights"].stat().st_size > 0.6 * fp32_bytes  # the GEMM weights are int8
+    out = embed_session(ov_rt.load(lowered.files["model"]), quant.held_out)
+    assert compare(out, quant.reference)["mean_cosine"] > 0.97
+
+
+def test_lower_encoder_int8_fp16_moves_layers_to_fp32_until_the_budget_holds(tmp_path, batch, quant_inputs):
+    model, quant = quant_inputs
+    lowered = _lower(tmp_path, model, batch, "int8-fp16", quant)
+    out = embed_session(ov_rt.load(lowered.files["model"]), quant.held_out)
+    drop = 1 - compare(out, quant.reference)["mean_cosine"]
+    budget = lowered.report["budget"]
+    assert drop <= quant.config.fidelity_budget + 1e-6 and abs(drop - budget["drop"]) < 1e-5  # the IR is the plan
+    plan = {lp["layer"]: lp for lp in lowered.report["plan"]}
+    runs = lowered.report["int8_coverage"]["layers"]
+    assert {layer: lp["runs_as"] for layer, lp in plan.items()} == runs  # what the IR runs is what was planned
+    moved = [lp for lp in plan.values() if lp["precision"] == "fp32"]
+    assert moved and "int8" in runs.values()  # this budget needs a mixed plan: some layers moved, some kept
+    assert all("most sensitive" in lp["why"] for lp in moved) and budget["steps"][0]["int8_layers"] == 6
+
+
+@pytest.mark.skipif(cpu_has_bf16(), reason="this CPU has native bf16: the refusal does not apply")
+def test_bf16_is_refused_in_one_line_without_native_bf16(tmp_path, batch):
+    with pytest.raises(UsageError, match=r"bf16 needs a CPU with native bf16 .* has neither") as exc:
+        _lower(tmp_path, tiny_encoder(), batch, "bf16")
+    assert "\n" not in str(exc.value) and not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason=NO_BF16)
+def test_bf16_runs_in_bf16_and_stays_within_its_tolerance(tmp_path, batch):
+    model = tiny_encoder()
+    lowered = _lower(tmp_path, model, batch, "bf16")
+    session = ov_rt.load(lowered.files["model"])
+    assert session.inference_precision == "bf16"
+    out = session.run(batch)["sentence_embedding"]
+    result = compare(out, embed_torch(model, [batch]))
+    assert result["max_abs"] < 2e-2 and result["min_cosine"] > 0.999
+    assert result["max_abs"] > 0  # really bf16, not the f32 it falls back to silently
+
+
+def test_lower_encoder_rejects_unknown_precision(tmp_path, batch):
+    with pytest.raises(BuildError, match="cannot lower precision 'int8-dynamic'"):
+        _lower(tmp_path, tiny_encoder(), batch, "int8-dynamic")
