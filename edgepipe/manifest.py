@@ -28,6 +28,8 @@ TRACKED_PACKAGES = (
     "torchao",
     "tensorrt",
     "tokenizers",
+    "openvino",
+    "nncf",
 )
 
 
