@@ -42,6 +42,7 @@ RUNTIME_MODULES = {
     "onnxruntime": ["numpy", "onnxruntime"],
     "executorch": ["numpy", "torch", "executorch"],  # ExecuTorch's pip binding loads libtorch and takes torch tensors
     "tensorrt": ["numpy", "tensorrt"],
+    "openvino": ["numpy", "openvino"],
 }
 PIP_NAMES = {"cuda": "cuda-python"}  # where the pip name differs from the module name
 PACKAGES = ["numpy", "onnxruntime", "executorch", "torch", "tensorrt", "cuda-python", "pycuda"]
@@ -465,7 +466,60 @@ class _CudaBinding:
         self._ok(self._rt.cudaStreamSynchronize(stream)) if self.name == "cuda-python" else stream.synchronize()
 
 
-SESSIONS = {"onnxruntime": OrtSession, "executorch": ExecuTorchSession, "tensorrt": TensorRTSession}
+class OpenVinoSession:
+    """An OpenVINO IR (model.xml + model.bin) compiled for the target's [openvino] device, in the inference
+    precision the IR records (rt_info runtime_options/INFERENCE_PRECISION_HINT), threads from --threads or the
+    target's num_threads. info says what the plugin really computes in (bf16 asked on a CPU without it reads f32)."""
+
+    def __init__(self, path: str, manifest: dict, threads: int | None) -> None:
+        import openvino as ov
+
+        options = (manifest.get("target") or {}).get("runtime_options") or {}
+        core = ov.Core()
+        model = core.read_model(path)
+        key = ["runtime_options", "INFERENCE_PRECISION_HINT"]
+        hint = model.get_rt_info(key).astype(str) if model.has_rt_info(key) else "f32"
+        config = {"PERFORMANCE_HINT": options.get("performance_hint") or "LATENCY", "INFERENCE_PRECISION_HINT": hint}
+        if threads or options.get("num_threads"):
+            config["INFERENCE_NUM_THREADS"] = int(threads or options["num_threads"])
+        device = options.get("device") or "CPU"
+        self.compiled = core.compile_model(model, device, config)
+        self.request = self.compiled.create_infer_request()
+        self.input_names = [i.get_any_name() for i in self.compiled.inputs]
+        self.output_names = [o.get_any_name() for o in self.compiled.outputs]
+        self.info = {
+            "providers": [device],
+            "providers_requested": [device],
+            "threads": threads,
+            "needs_torch": False,
+            "inference_precision_requested": hint,
+            "inference_precision": self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string(),
+        }
+
+    def prepare(self, feeds: dict):
+        import numpy as np
+
+        ready = {n: np.ascontiguousarray(feeds[n]) for n in self.input_names}
+        infer, outputs = self.request.infer, list(self.compiled.outputs)
+
+        def run() -> list:
+            result = infer(ready)  # views of the request's output tensors: to_numpy copies them
+            return [result[o] for o in outputs]
+
+        return run
+
+    def to_numpy(self, outputs: list) -> list:
+        import numpy as np
+
+        return [np.array(o) for o in outputs]
+
+
+SESSIONS = {
+    "onnxruntime": OrtSession,
+    "executorch": ExecuTorchSession,
+    "tensorrt": TensorRTSession,
+    "openvino": OpenVinoSession,
+}
 
 
 def graph_path(bundle: str, manifest: dict, graph: str = "model") -> str:

@@ -114,3 +114,94 @@ def test_bf16_runs_in_bf16_and_stays_within_its_tolerance(tmp_path, batch):
 def test_lower_encoder_rejects_unknown_precision(tmp_path, batch):
     with pytest.raises(BuildError, match="cannot lower precision 'int8-dynamic'"):
         _lower(tmp_path, tiny_encoder(), batch, "int8-dynamic")
+
+
+# -- bundles: the intel-cpu build, the device runner, the CLI ------------------------------------------------------
+FAST = ("validate.samples=48", "validate.max_len=64", "quantize.samples=32")
+
+
+@pytest.fixture(scope="module")
+def ov_bundle(tmp_path_factory, tiny_checkpoint):
+    """An intel-cpu bundle of the tiny checkpoint at the target's default plan (w8a8), built by the real pipeline."""
+    from edgepipe.build import build
+    from edgepipe.config import resolve_run_config
+
+    out = tmp_path_factory.mktemp("ov-out")
+    return build(resolve_run_config(str(tiny_checkpoint), "intel-cpu", None, out, FAST)).path
+
+
+def test_intel_cpu_bundle_holds_the_int8_ir_and_passes_its_check(ov_bundle):
+    from edgepipe.bundle import check_bundle, open_bundle
+
+    manifest = open_bundle(ov_bundle)  # every sha256, model.xml and model.bin included
+    assert {"model.xml", "model.bin", "check.npz", "tokenizer.json"} <= set(manifest["files"])
+    assert manifest["runtime"] == "openvino" and manifest["graphs"] == {"model": "model.xml"}
+    assert manifest["precision"] == "w8a8" and manifest["lowering"]["int8_coverage"]["total"] == 1.0
+    assert ov.__version__.startswith(manifest["versions"]["openvino"]) and "nncf" in manifest["versions"]
+    assert manifest["lowering"]["inference_precision"] == "f32"  # the float parts, even on a bf16 CPU
+    assert manifest["validation"]["held_out"]["runtime"] == "openvino"
+    assert manifest["fidelity"]["lowered_vs_pytorch"]["mean_cosine"] > 0.99
+    assert manifest["latency"]["p50_ms"] > 0  # timed here: intel-cpu is any x86-64 CPU
+    report = check_bundle(ov_bundle)
+    assert report.passed and report.result["min_cosine"] > 0.99
+
+
+def test_runner_runs_an_openvino_bundle_with_only_numpy_and_openvino(ov_bundle, tmp_path):
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from edgepipe.harness import runner
+    from tests.harness.test_runner import BLOCKED_RUN
+
+    alone = tmp_path / "device" / "runner.py"
+    alone.parent.mkdir()
+    shutil.copy(runner.__file__, alone)
+    out = tmp_path / "r.json"
+    argv = [sys.executable, "-I", "-c", BLOCKED_RUN, str(alone), str(ov_bundle)]
+    done = subprocess.run(
+        [*argv, "--runs", "10", "--warmup", "2", "--threads", "1", "--seq", "24", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    record = json.loads(out.read_text())
+    assert record["check"]["passed"] and record["check"]["min_cosine"] > 0.99
+    assert record["env"]["runtime"]["name"] == "openvino" and ov.__version__.startswith(
+        record["env"]["runtime"]["version"]
+    )
+    assert record["env"]["runtime"]["inference_precision"] == "f32" and record["env"]["runtime"]["threads"] == 1
+    assert record["inputs"]["input_ids"]["shape"][1] == 24 and 0 < record["latency_ms"]["p50"]
+    verify = subprocess.run([*argv, "--verify"], capture_output=True, text=True, timeout=300)
+    assert verify.returncode == 0 and json.loads(verify.stdout)["runtime"]["importable"]
+
+
+def test_cli_builds_intel_cpu_and_inspects_checks_benches_and_compares_it(tmp_path, tiny_checkpoint):
+    from tests.test_cli import run
+
+    out, results = tmp_path / "out", tmp_path / "results"
+    sets = [a for kv in FAST for a in ("--set", kv)]
+    built = run(
+        "build",
+        "--model",
+        str(tiny_checkpoint),
+        "--target",
+        "intel-cpu",
+        "--precision",
+        "fp32",
+        "--out",
+        str(out),
+        *sets,
+    )
+    assert built.returncode == 0, built.stderr
+    bundle = out / tiny_checkpoint.name / "intel-cpu"
+    inspected = run("inspect", str(bundle))
+    assert inspected.returncode == 0 and "openvino / fp32" in inspected.stdout and "model.bin" in inspected.stdout
+    checked = run("check", str(bundle))
+    assert checked.returncode == 0 and "check passed (openvino, fp32)" in checked.stdout
+    benched = run("bench", str(bundle), "--device", "local", "--runs", "5", "--warmup", "1", "--results", str(results))
+    assert benched.returncode == 0, benched.stderr
+    compared = run("compare", *map(str, results.glob("*.json")))
+    assert compared.returncode == 0 and "intel-cpu" in compared.stdout and "fp32" in compared.stdout
