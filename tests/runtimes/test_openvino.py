@@ -205,3 +205,63 @@ def test_cli_builds_intel_cpu_and_inspects_checks_benches_and_compares_it(tmp_pa
     assert benched.returncode == 0, benched.stderr
     compared = run("compare", *map(str, results.glob("*.json")))
     assert compared.returncode == 0 and "intel-cpu" in compared.stdout and "fp32" in compared.stdout
+
+
+def test_lower_decoder_graphs_run_in_openvino_and_match_pytorch(tmp_path, sentences):
+    import torch
+
+    from edgepipe.harness.runner import DecoderGraphs
+    from edgepipe.runtimes.decoder_graphs import graph_io, prefill_tokens
+    from tests.models.test_decoder import tiny_decoder
+
+    model = tiny_decoder(max_context=128)
+    lowered = ov_rt.lower_decoder(model, load_target("intel-cpu"), "fp32", tmp_path)
+    assert {p.name for p in lowered.files.values()} == {"prefill.xml", "prefill.bin", "decode.xml", "decode.bin"}
+    chunk = prefill_tokens(model)
+    manifest = {
+        "runtime": "openvino",
+        "target": load_target("intel-cpu").to_dict(),
+        "io": graph_io(model, chunk),
+        "decoder": {"prefill_tokens": chunk},
+        "graphs": {g: lowered.files[g].name for g in ("prefill", "decode")},
+    }
+    graphs = DecoderGraphs(str(tmp_path), manifest, threads=None)
+    text = np.frombuffer(" ".join(sentences[:3]).encode(), np.uint8).astype(np.int64)[: chunk + 7]  # real bytes
+    logits, _ = graphs.feed(text[None], 0, graphs.init_state())
+    assert graphs.calls == {"prefill": 1, "decode": 7}  # one prefill chunk, then decode steps
+    with torch.no_grad():
+        want = model(torch.from_numpy(text[None]))[:, -1].numpy()
+    np.testing.assert_allclose(logits, want, atol=1e-4)
+    with pytest.raises(UsageError, match="'int8-dynamic' is not available on openvino"):
+        ov_rt.lower_decoder(model, load_target("intel-cpu"), "int8-dynamic", tmp_path / "q")
+
+
+@pytest.mark.slow  # pretrains a tiny LM (~30 s alone, minutes on a shared machine); the graphs: the test above
+def test_decoder_bundle_lowers_prefill_and_decode_to_openvino_and_generates_pytorchs_tokens(tmp_path):
+    import torch
+    from tokenizers import Tokenizer
+
+    from edgepipe.build import build
+    from edgepipe.bundle import check_bundle, generate
+    from edgepipe.config import resolve_run_config
+    from edgepipe.models.decoder import generate as generate_eager
+    from edgepipe.models.hf_decoders import load_decoder
+    from tests.build.test_decoder_build import PROMPT, TINY_LM
+
+    recipe = tmp_path / "tiny-lm.toml"
+    recipe.write_text(TINY_LM)
+    bundle = build(resolve_run_config(str(recipe), "intel-cpu", None, tmp_path / "out"))
+    m = bundle.manifest
+    assert m["runtime"] == "openvino" and m["precision"] == "fp32"  # decoders: fp32 unless asked
+    assert {"prefill.xml", "prefill.bin", "decode.xml", "decode.bin"} <= set(m["files"])
+    lowered, model = m["fidelity"]["lowered"], m["fidelity"]["model"]
+    assert lowered["top1_vs_pytorch"] == 1.0  # teacher-forced through the graphs' KV cache, in OpenVINO
+    assert lowered["perplexity"] == pytest.approx(model["perplexity"], rel=1e-4)
+    assert check_bundle(bundle.path).passed
+    out = generate(bundle.path, PROMPT, max_new_tokens=12)
+    tok = Tokenizer.from_file(str(bundle.path / "tokenizer.json"))
+    eager = load_decoder(m["source_model"]["path"], max_context=128)
+    ids = tok.encode(PROMPT, add_special_tokens=False).ids
+    want = generate_eager(eager, torch.tensor([ids]), 12)[0, len(ids) :].tolist()
+    eos = m["decoder"]["eos_id"]
+    assert out.tokens == (want[: want.index(eos) + 1] if eos in want else want)
