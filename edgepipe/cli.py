@@ -294,6 +294,13 @@ def targets(as_json: bool) -> None:
         keys = ("runtime", "precision", "precisions", "candidates", "description", "path")
         rows.append({"name": name, **{k: getattr(t, k) for k in keys}, "validated_here": ok, "why": why})
     _listing("targets", rows, table, as_json)
+    if not as_json and not _quiet():  # builds that measure their runtime and plan here
+        from edgepipe.runtimes import candidate_note
+
+        for r in rows:
+            if r["candidates"]:
+                shown = ", ".join(c + candidate_note(c) for c in r["candidates"])
+                console.print(f"{r['name']} without --precision ships the fastest inside the budget of {shown}")
 
 
 @cli.command()

@@ -135,3 +135,13 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 def cpu_has_bf16() -> bool:
     """Whether this CPU has native bf16 arithmetic (AVX512-BF16 or AMX-BF16); elsewhere bf16 is emulated or ignored."""
     return bool(cpu_flags() & set(BF16_FLAGS))
+
+
+def candidate_note(candidate: str) -> str:
+    """Why this machine cannot measure a target's ``runtime:precision`` candidate, as a suffix ("" when it can)."""
+    runtime, _, plan = candidate.partition(":")
+    try:
+        get_runtime(runtime)
+    except (MissingExtraError, UsageError):
+        return " (not installed)"
+    return " (no native bf16 on this CPU)" if plan == "bf16" and not cpu_has_bf16() else ""

@@ -121,13 +121,20 @@ FAST = ("validate.samples=48", "validate.max_len=64", "quantize.samples=32")
 
 
 @pytest.fixture(scope="module")
-def ov_bundle(tmp_path_factory, tiny_checkpoint):
+def ov_cache(tmp_path_factory):
+    """One stage cache for this module's builds of the tiny checkpoint: intel-cpu's w8a8 stages are host-cpu's
+    openvino:w8a8 candidate's (same model, runtime table, plan and calibration), so NNCF runs once."""
+    return tmp_path_factory.mktemp("ov-cache")
+
+
+@pytest.fixture(scope="module")
+def ov_bundle(tmp_path_factory, tiny_checkpoint, ov_cache):
     """An intel-cpu bundle of the tiny checkpoint at the target's default plan (w8a8), built by the real pipeline."""
     from edgepipe.build import build
     from edgepipe.config import resolve_run_config
 
     out = tmp_path_factory.mktemp("ov-out")
-    return build(resolve_run_config(str(tiny_checkpoint), "intel-cpu", None, out, FAST)).path
+    return build(resolve_run_config(str(tiny_checkpoint), "intel-cpu", None, out, FAST), cache_root=ov_cache).path
 
 
 def test_intel_cpu_bundle_holds_the_int8_ir_and_passes_its_check(ov_bundle):
@@ -265,3 +272,39 @@ def test_decoder_bundle_lowers_prefill_and_decode_to_openvino_and_generates_pyto
     want = generate_eager(eager, torch.tensor([ids]), 12)[0, len(ids) :].tolist()
     eos = m["decoder"]["eos_id"]
     assert out.tokens == (want[: want.index(eos) + 1] if eos in want else want)
+
+
+# -- host-cpu: the fastest candidate on this machine ships ---------------------------------------------------------
+def test_host_cpu_ships_the_fastest_candidate_measured_here(tmp_path, tiny_checkpoint, ov_bundle, ov_cache):
+    from edgepipe.build import build
+    from edgepipe.bundle import check_bundle
+    from edgepipe.config import resolve_run_config
+
+    cfg = resolve_run_config(str(tiny_checkpoint), "host-cpu", None, tmp_path / "out", FAST)
+    assert cfg.select_runtime
+    bundle = build(cfg, cache_root=ov_cache)
+    lowered = [r for r in bundle.manifest["stages"] if r["stage"] == "lower"]
+    assert any(r["cache_hit"] and r["config"]["precision"] == "w8a8" for r in lowered)  # intel-cpu's w8a8 stage
+    sel = bundle.manifest["selection"]
+    rows = {r["candidate"]: r for r in sel["candidates"]}
+    assert list(rows) == list(load_target("host-cpu").candidates)
+    if cpu_has_bf16():
+        assert "left_out" not in rows["openvino:bf16"] or "drop" in rows["openvino:bf16"]["left_out"]
+    else:  # recorded as not available on this CPU, in one line, and the build goes on
+        assert "bf16 needs a CPU with native bf16" in rows["openvino:bf16"]["left_out"]
+    assert "p50_ms" in rows["openvino:w8a8"] and "p50_ms" in rows["openvino:fp32"]  # measured in OpenVINO here
+    inside = {c: r["p50_ms"] for c, r in rows.items() if "left_out" not in r}
+    assert sel["winner"] == min(inside, key=inside.get)
+    runtime, precision = sel["winner"].split(":")
+    assert (bundle.manifest["runtime"], bundle.manifest["precision"]) == (runtime, precision)
+    assert check_bundle(bundle.path).passed  # the bundle runs as the winner's runtime
+
+
+def test_targets_lists_host_cpus_candidates(tmp_path):
+    from tests.test_cli import run
+
+    listed = run("targets")
+    assert listed.returncode == 0 and "intel-cpu" in listed.stdout
+    text = " ".join(listed.stdout.split())
+    assert "host-cpu without --precision ships the fastest inside the budget of" in text and "openvino:w8a8" in text
+    assert ("openvino:bf16 (no native bf16 on this CPU)" in text) == (not cpu_has_bf16())
