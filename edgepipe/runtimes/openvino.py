@@ -150,6 +150,11 @@ def lower_encoder(
     path = out_dir / "model.xml"
     save(ov_model, path, HINTS[precision])
     report.update(describe(ov.Core().read_model(str(path)), precision))
+    runs = report.get("int8_coverage", {}).get("layers", {})
+    for lp in report.get("plan", []):  # what was planned, checked against what the saved IR runs
+        if runs.get(lp["layer"], lp["runs_as"]) != lp["runs_as"]:
+            lp["runs_as"] = runs[lp["layer"]]
+            lp["why"] += f"; the IR runs it {runs[lp['layer']]}"
     return Lowered(files={"model": path, "weights": path.with_suffix(".bin")}, report=report)
 
 
@@ -295,7 +300,11 @@ def quantize(model: ov.Model, precision: str, quant: QuantInputs, options: OpenV
             "not_quantized": "MatMuls of two activations (pooling); attention is OpenVINO's own fused op",
         },
     }
+    records = [
+        q.Gemm(n.get_friendly_name(), q.layer_name(n.get_friendly_name()), "MatMul", *_weight_shape(n)) for n in gemms
+    ]
     if precision == "w8a8":
+        report["plan"] = q.make_plan(precision, records, frozenset(r.node for r in records), "fp32", "fp32").to_report()
         return quantized, report
 
     candidates = _Candidates(model, quantized, options)
@@ -308,7 +317,6 @@ def quantize(model: ov.Model, precision: str, quant: QuantInputs, options: OpenV
     sensitivity = q.rank_sensitivity(names, lambda s: drop(s, subset))
     budget = quant.config.fidelity_budget
     fit = q.fit_budget(names, sensitivity, lambda s: drop(s, quant.held_out), budget)
-    records = [q.Gemm(n, q.layer_name(n), "MatMul", *_weight_shape(node)) for n, node in zip(names, gemms)]
     plan = q.make_plan(precision, records, fit.int8, "fp32", "fp32", sensitivity, fit.moved)
     report["plan"] = plan.to_report()
     report["budget"] = {

@@ -67,6 +67,7 @@ def test_lower_encoder_w8a8_quantizes_every_weight_gemm_with_nncf(tmp_path, batc
     lowered = _lower(tmp_path, model, batch, "w8a8", quant)
     coverage = lowered.report["int8_coverage"]
     assert coverage["total"] == 1.0 and len(coverage["layers"]) == 6  # q, k, v, out, ffn in, ffn out
+    assert [lp["runs_as"] for lp in lowered.report["plan"]] == ["int8"] * 6  # the plan `edgepipe inspect` prints
     assert lowered.report["quantization"]["tool"].startswith("nncf ")
     assert lowered.report["calibration"]["samples"] == 32
     assert lowered.report["ops"].get("FakeQuantize", 0) >= 4  # on the activations (q, k, v share one)
