@@ -58,7 +58,8 @@ def open_bundle(path: Path) -> dict:
     manifest = read_manifest(path)
     problems = runner.verify_files(str(path), manifest)["problems"]
     if problems:
-        listed = "; ".join(f"{p['path']}: {p['problem']}" for p in problems[:3])
+        listed = "; ".join(f"{p['path']} ({p['problem']})" for p in problems[:5])
+        listed += f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
         raise BundleError(
             f"Bundle {path} does not match its manifest: {listed}.",
             hint="Copy the bundle again or rebuild it with `edgepipe build`.",
