@@ -6,6 +6,8 @@ The checks are the on-device runner's own (``edgepipe.harness.runner``), so ``ed
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import numpy as np
 from edgepipe.config import Target
 from edgepipe.errors import BundleError, ModelError, UsageError
 from edgepipe.harness import runner
+from edgepipe.harness.remote import check_tolerance
 from edgepipe.manifest import read_manifest
 from edgepipe.runtimes import get_runtime
 
@@ -23,10 +26,27 @@ class CheckReport:
     bundle: Path
     manifest: dict
     result: dict  # runner.compare_outputs: passed, problems, max_abs_error, min/mean cosine, per-output figures
+    tolerance: dict  # what the check was judged by: edgepipe's own table for the bundle's plan (check_tolerance)
+
+    @property
+    def family(self) -> str:
+        return runner.bench_kind(self.manifest)
 
     @property
     def passed(self) -> bool:
         return self.result["passed"]
+
+
+@contextmanager
+def manifest_fields(path: Path) -> Iterator[None]:
+    """Reading a verified manifest's other fields: one that edgepipe did not write (a bundle from elsewhere, or an
+    older edgepipe's) becomes one BundleError line instead of a traceback."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BundleError(
+            f"{path}/manifest.json has a malformed field ({type(exc).__name__}: {exc}).", hint="Rebuild the bundle."
+        ) from None
 
 
 def open_bundle(path: Path) -> dict:
@@ -38,7 +58,8 @@ def open_bundle(path: Path) -> dict:
     manifest = read_manifest(path)
     problems = runner.verify_files(str(path), manifest)["problems"]
     if problems:
-        listed = "; ".join(f"{p['path']}: {p['problem']}" for p in problems[:3])
+        listed = "; ".join(f"{p['path']} ({p['problem']})" for p in problems[:5])
+        listed += f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
         raise BundleError(
             f"Bundle {path} does not match its manifest: {listed}.",
             hint="Copy the bundle again or rebuild it with `edgepipe build`.",
@@ -55,6 +76,7 @@ def check_bundle(path: Path) -> CheckReport:
     """
     path = Path(path)
     manifest = open_bundle(path)
+    tolerance = check_tolerance(manifest)
     runtime = get_runtime(manifest["runtime"])
     target = Target.from_dict(manifest["target"])
     runnable, why = runtime.can_run_here(target)
@@ -66,11 +88,14 @@ def check_bundle(path: Path) -> CheckReport:
         inputs, expected = runner.load_check(str(path))
         if runner.bench_kind(manifest) == "decoder":
             graphs = decoder_graphs(path, manifest)
-            return CheckReport(path, manifest, runner.check_decoder(graphs, inputs, expected, manifest["validation"]))
+            return CheckReport(path, manifest, runner.check_decoder(graphs, inputs, expected, tolerance), tolerance)
     except runner.RunnerError as exc:
         raise BundleError(f"Bundle {path}: {exc}.", hint="Rebuild the bundle.") from None
-    outputs = runtime.load(path / manifest["graphs"]["model"], target).run(inputs)
-    return CheckReport(path, manifest, runner.compare_outputs(outputs, expected, manifest["validation"]))
+    graph = manifest["graphs"].get("model")  # open_bundle checked that the manifest lists it under a safe name
+    if not isinstance(graph, str):
+        raise BundleError(f"Bundle {path}: manifest.json has no graphs.model.", hint="Rebuild the bundle.")
+    outputs = runtime.load(path / graph, target).run(inputs)
+    return CheckReport(path, manifest, runner.compare_outputs(outputs, expected, tolerance), tolerance)
 
 
 @dataclass
@@ -121,7 +146,9 @@ def text_fidelity(
     if not sentences:
         raise UsageError(f"--text '{text}' has no non-empty lines.", hint="Pass a text file, one sentence per line.")
 
-    source = manifest["source_model"]
+    source = manifest.get("source_model")
+    if not (isinstance(source, dict) and isinstance(source.get("path"), str) and isinstance(source.get("hash"), str)):
+        raise BundleError(f"Bundle {path}'s manifest has no source_model path and hash.", hint="Rebuild the bundle.")
     teacher_dir = Path(teacher).expanduser() if teacher else Path(source["path"])
     if not teacher_dir.is_dir():
         raise ModelError(
@@ -144,7 +171,10 @@ def text_fidelity(
     max_len = manifest.get("recipe", {}).get("validate", {}).get("max_len", 128)
     tok = load_tokenizer(path / "tokenizer.json", max_len)
     tokenized = list(batches(tok, sentences, batch_size))
-    out = embed_session(runtime.load(path / manifest["graphs"]["model"], target), tokenized)
+    graph = manifest["graphs"].get("model")  # open_bundle checked that the manifest lists it under a safe name
+    if not isinstance(graph, str):
+        raise BundleError(f"Bundle {path}: manifest.json has no graphs.model.", hint="Rebuild the bundle.")
+    out = embed_session(runtime.load(path / graph, target), tokenized)
     ref = embed_torch(load_encoder(teacher_dir), tokenized)
     lowest = sorted(zip(cosines(out, ref).tolist(), sentences))[:worst]
     return TextFidelity(path, manifest, teacher_dir, compare(out, ref), lowest)
@@ -157,6 +187,10 @@ def decoder_graphs(path: Path, manifest: dict, threads: int | None = None) -> ru
         from edgepipe.runtimes.tensorrt import tensorrt_here
 
         if tensorrt_here() is not None:
+            if not isinstance(manifest["graphs"].get("proxy"), dict):
+                raise runner.RunnerError(
+                    "manifest.json of a TensorRT decoder has no graphs.proxy", runner.EXIT_BAD_FILES
+                )
             manifest = {
                 **manifest,
                 "runtime": "onnxruntime",

@@ -348,21 +348,32 @@ def inspect(bundle: Path, as_json: bool) -> None:
     Example:
       edgepipe inspect artifacts/minilm-student/host-cpu
     """
-    from edgepipe.bundle import open_bundle
-    from edgepipe.harness.runner import bench_kind
+    from edgepipe.bundle import manifest_fields, open_bundle
+    from edgepipe.harness.runner import sha256_file
 
     m = open_bundle(bundle)
+    # The files' hashes are only as good as the manifest: compare this with the one its publisher gives.
+    sha = sha256_file(str(bundle / "manifest.json"))
     if as_json:
-        return _document("inspect", bundle=str(bundle.resolve()), files_verified=len(m["files"]), manifest=m)
+        files = len(m["files"])
+        return _document("inspect", bundle=str(bundle.resolve()), files_verified=files, manifest_sha256=sha, manifest=m)
     if _quiet():
         what = f"{m['model']} -> {m['target']['name']} ({m['runtime']}, {m['precision']})"
-        return click.echo(f"{what}: {len(m['files'])} files verified")
+        return click.echo(f"{what}: {len(m['files'])} files verified, manifest sha256 {sha}")
+    with manifest_fields(bundle):  # a field edgepipe did not write gets one line
+        _print_manifest(m, sha)
+
+
+def _print_manifest(m: dict, manifest_sha256: str) -> None:
+    from edgepipe.harness.runner import bench_kind
+
     head = Table(show_header=False, box=None)
     head.add_row("model", f"{m['model']} ({m['kind']})")
-    head.add_row("target", f"{m['target']['name']}: {m['target']['description']}")
+    head.add_row("target", f"{m['target']['name']}: {m['target'].get('description', '-')}")
     head.add_row("runtime / precision", f"{m['runtime']} / {m['precision']}")
-    head.add_row("built", f"{m['created']} with edgepipe {m['edgepipe_version']}")
-    head.add_row("versions", ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()))
+    head.add_row("built", f"{m.get('created', '-')} with edgepipe {m.get('edgepipe_version', '-')}")
+    head.add_row("versions", ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items()))
+    head.add_row("manifest sha256", manifest_sha256)
     console.print(head)
     decoder = bench_kind(m) == "decoder"
     columns = ("perplexity", "top-1 vs teacher") if decoder else ("mean cosine", "min cosine")
@@ -455,9 +466,12 @@ def check(bundle: Path, text: Path | None, samples: int, teacher: Path | None, a
     for name, m in res["outputs"].items():
         table.add_row(name, f"{m['mean_cosine']:.6f}", f"{m['min_cosine']:.6f}", f"{m['max_abs_error']:.2e}", tolerance)
     if "token_agreement" in res:
-        need = report.manifest["validation"].get("min_token_agreement", 1.0)
+        need = report.tolerance.get("min_token_agreement", 1.0)
         table.add_row("greedy tokens", f"{res['token_agreement']:.4f} agree", "", "", f"agreement ≥ {need}")
     console.print(table)
+    said = {k: v for k, v in (report.manifest.get("validation") or {}).items() if k in report.tolerance}
+    unused = "" if said == report.tolerance else f"; the bundle's manifest says {said or 'none'}, not used"
+    console.print(f"tolerance: edgepipe's table for {report.manifest['precision']} ({report.family}){unused}")
     if not report.passed:
         raise failed
     console.print(f"[green]check passed[/] ({report.manifest['runtime']}, {report.manifest['precision']})")

@@ -13,11 +13,13 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-from edgepipe.errors import BundleError
-from edgepipe.harness.runner import sha256_file
+from edgepipe.errors import BuildError, BundleError
+from edgepipe.harness.runner import bundle_path_problem, name_problem, sha256_file
 
 SCHEMA = "edgepipe.manifest/1"
 MANIFEST = "manifest.json"
+# What every command reads from a manifest before anything else (the rest is read with defaults).
+REQUIRED = {"model": str, "kind": str, "runtime": str, "precision": str, "target": dict, "graphs": dict, "files": dict}
 TRACKED_PACKAGES = (
     "edgepipe",
     "torch",
@@ -45,12 +47,24 @@ def package_versions() -> dict[str, str]:
 
 
 def file_records(bundle: Path) -> dict[str, dict]:
-    """sha256 and bytes of every file under ``bundle`` except the manifest itself, by relative POSIX path."""
+    """sha256 and bytes of every file under ``bundle`` except the manifest itself, by relative POSIX path.
+
+    Raises:
+        BuildError: A file whose name no bundle may have (``harness.runner.bundle_path_problem``): edgepipe never
+            writes a bundle that a device would refuse.
+    """
     records = {}
-    for path in sorted(p for p in bundle.rglob("*") if p.is_file()):
+    for path in sorted(p for p in bundle.rglob("*") if p.is_file() or p.is_symlink()):
         rel = path.relative_to(bundle).as_posix()
-        if rel != MANIFEST:
-            records[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        if rel == MANIFEST:
+            continue
+        problem = bundle_path_problem(rel) or ("a symlink" if path.is_symlink() else None)
+        if problem:
+            raise BuildError(
+                f"The bundle would hold {rel!r}, {problem}; bundles hold data files only.",
+                hint="Report this: a recipe copied a file into the bundle that no device would accept.",
+            )
+        records[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     return records
 
 
@@ -66,7 +80,8 @@ def read_manifest(bundle: Path) -> dict:
     """Read and sanity-check a bundle's manifest.
 
     Raises:
-        BundleError: No manifest, not JSON, or an unknown schema.
+        BundleError: No manifest, unreadable, not JSON, an unknown schema, a field every command needs missing, or
+            a model or target name that is not one safe path segment.
     """
     path = Path(bundle) / MANIFEST
     if not Path(bundle).is_dir():
@@ -81,7 +96,26 @@ def read_manifest(bundle: Path) -> dict:
         raise BundleError(
             f"{path} is not valid JSON ({exc}).", hint="Rebuild the bundle with `edgepipe build`."
         ) from None
+    except OSError as exc:
+        raise BundleError(f"Cannot read {path} ({exc.strerror or exc}).", hint="Check its permissions.") from None
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
         got = manifest.get("schema") if isinstance(manifest, dict) else type(manifest).__name__
         raise BundleError(f"{path} has schema {got!r}; this edgepipe reads {SCHEMA}.", hint="Rebuild the bundle.")
+    problems = [
+        f"'{key}' ({kind.__name__})" for key, kind in REQUIRED.items() if not isinstance(manifest.get(key), kind)
+    ]
+    target = manifest.get("target")
+    if isinstance(target, dict) and not isinstance(target.get("name"), str):
+        problems.append("'target.name' (str)")
+    if problems:
+        raise BundleError(
+            f"{path} is incomplete: it lacks {', '.join(problems)}.", hint="Rebuild the bundle with `edgepipe build`."
+        )
+    for what, name in (("model", manifest["model"]), ("target name", target["name"])):
+        problem = name_problem(name)
+        if problem:
+            raise BundleError(
+                f"{path}: the {what} {name!r} is {problem}.",
+                hint="A bundle from elsewhere may be hostile: rebuild it with `edgepipe build`.",
+            )
     return manifest

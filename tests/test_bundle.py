@@ -13,7 +13,9 @@ def _bundle(tmp_path, kind: str, graphs: dict) -> object:
     path = tmp_path / "bundle"
     path.mkdir()
     (path / "model.onnx").write_bytes(b"graph")
-    write_manifest(path, {"model": "gpt2", "kind": kind, "runtime": "onnxruntime", "graphs": graphs})
+    target = {"name": "host-cpu", "runtime": "onnxruntime"}
+    manifest = {"model": "gpt2", "kind": kind, "runtime": "onnxruntime", "precision": "fp32", "target": target}
+    write_manifest(path, {**manifest, "graphs": graphs})
     return path
 
 

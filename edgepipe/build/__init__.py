@@ -38,7 +38,8 @@ def build(
 
     writable_out(cfg.out_dir)
     progress = progress or Progress(quiet=True)
-    cache = StageCache(cache_root, force=force)
+    waiting = lambda stage: progress.note(f"{stage}: waiting for another build computing the same stage")  # noqa: E731
+    cache = StageCache(cache_root, force=force, waiting=waiting)
     if cfg.recipe.kind == "decoder":
         return build_decoder(cfg, cache, progress, decoder_route(cfg).to_dict())
     checkpoint = resolve_teacher(cfg.recipe)

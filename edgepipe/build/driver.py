@@ -7,6 +7,7 @@ knows what a recipe lowers or how it measures fidelity.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
@@ -20,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from edgepipe import __version__
-from edgepipe.cache import StageCache, StageResult
+from edgepipe.cache import StageCache, StageResult, disk_full, full_disk_error, publish
 from edgepipe.config import RunConfig
-from edgepipe.errors import BuildError, UsageError
+from edgepipe.errors import BuildError, EdgepipeError, UsageError
 from edgepipe.manifest import read_manifest, write_manifest
 from edgepipe.precisions import fallback, tolerance
 from edgepipe.progress import Progress
@@ -99,21 +100,23 @@ def staged_bundle(dest: Path) -> Iterator[Path]:
     A failed or interrupted build never leaves a half-written bundle, and a previous bundle at ``dest`` is swapped
     out only once the new one is complete.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be copied and shared
+    made = not dest.parent.exists()
     try:
-        yield tmp
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be copied and shared
+        try:
+            yield tmp
+            publish(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if made:
+                with contextlib.suppress(OSError):  # another build may have put its bundle beside this one
+                    dest.parent.rmdir()
+            raise
+    except (OSError, EdgepipeError) as exc:
+        if full := disk_full(exc):
+            raise full_disk_error(full, dest.parent, f"bundle {dest.name}") from None
         raise
 
 

@@ -4,17 +4,26 @@ Device URLs: ``local`` (a subprocess here), ``ssh://user@host[:port]`` (asyncssh
 known_hosts, key or agent auth) and ``adb://serial`` (the ``adb`` tool, list arguments only). The device needs
 Python 3.8+, numpy and the bundle's runtime; ``deploy`` says exactly what is missing.
 
-A deploy copies into ``<remote_dir>.partial`` and renames it into place, then runs ``runner.py --verify`` on the
-device. A re-deploy of the same bundle and runner copies nothing. Results are written to a temporary file in
-``results_dir`` and renamed, so a failed bench leaves nothing half-written.
+A bundle is untrusted input (docs/architecture.md, "The harness"): the runner is copied to its own directory beside
+the deployments (``.edgepipe-runner/<sha256>/runner.py``) and started from there, with ``python -P`` where the
+device's Python has it (3.11+), so no bundle file can shadow a module it imports. Model and target names from the
+manifest become remote path segments only when each is one safe segment, and deploy replaces only a directory that
+holds its own marker file (``.edgepipe-deployment``), an empty one or none.
+
+A deploy copies into ``<remote_dir>.edgepipe-partial`` and renames it into place, then runs ``runner.py --verify``
+on the device and checks the manifest's sha256 there. A re-deploy of the same bundle and runner copies nothing.
+Results are written to a temporary file in ``results_dir`` and renamed, so a failed bench leaves nothing
+half-written.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
+import hashlib
 import json
 import os
+import posixpath
 import re
 import shlex
 import shutil
@@ -30,8 +39,14 @@ from typing import Protocol
 
 from edgepipe.errors import BundleError, DeviceError, MissingExtraError, UsageError
 from edgepipe.harness import runner as _runner
+from edgepipe.precisions import tolerance as _plan_tolerance
 
 RUNNER = Path(_runner.__file__)
+RUNNER_SHA256 = _runner.sha256_file(str(RUNNER))
+# runner.py and the modules that travel with it (runner.SHIPPED): what the runner's own directory on a device holds
+SHIPPED_SHA256 = {name: _runner.sha256_file(str(RUNNER.parent / name)) for name in _runner.SHIPPED}
+RUNNER_ID = hashlib.sha256(json.dumps([RUNNER_SHA256, SHIPPED_SHA256], sort_keys=True).encode()).hexdigest()[:16]
+MARKER = _runner.DEPLOY_MARKER
 CONNECT_TIMEOUT_S = 10.0
 RUN_TIMEOUT_S = 1800.0
 
@@ -328,6 +343,13 @@ def _local_bundle(bundle_dir: Path) -> dict:
         manifest = _runner.load_manifest(str(bundle_dir))
     except _runner.RunnerError as e:
         raise BundleError(str(e), hint="Pass a directory written by `edgepipe build`.") from None
+    for what, name in (("model", manifest.get("model")), ("target name", _target_name(manifest))):
+        problem = _runner.name_problem(name)
+        if problem:
+            raise BundleError(
+                f"Bundle {bundle_dir}: its manifest's {what} {name!r} is {problem}, so it cannot name a directory.",
+                hint="A bundle from elsewhere may be hostile: rebuild it with `edgepipe build`; nothing was copied.",
+            )
     problems = _runner.verify_files(str(bundle_dir), manifest)["problems"]
     if problems:
         listed = "; ".join(f"{p['path']} ({p['problem']})" for p in problems)
@@ -338,25 +360,75 @@ def _local_bundle(bundle_dir: Path) -> dict:
     return manifest
 
 
-def _target_name(manifest: dict) -> str:
+def _target_name(manifest: dict) -> str | None:
     target = manifest.get("target")
-    return str(target.get("name") if isinstance(target, dict) else target or "target")
+    return target.get("name") if isinstance(target, dict) else None
 
 
 def _default_remote_dir(device: DeviceURL, manifest: dict) -> str:
-    tail = f"edgepipe/{manifest.get('model', 'model')}/{_target_name(manifest)}"
+    tail = f"edgepipe/{manifest['model']}/{_target_name(manifest)}"  # both checked by _local_bundle
     return f"/data/local/tmp/{tail}" if device.scheme == "adb" else tail  # ssh: relative to the login directory
 
 
-def _run_verify(
-    t: _Transport, device: DeviceURL, python: str, runner: str, remote_dir: str, timeout: float
-) -> tuple[int, dict | None, str]:
-    rc, out, err = t.run([python, runner, remote_dir, "--verify"], timeout)
-    if rc == 127 or ("not found" in err and python in err and not out.strip()):
-        raise DeviceError(
-            f"{python} is not found on {device.where}.",
-            hint="Install Python 3.8+ there (e.g. apt install python3) or pass the interpreter's path.",
+def _check_remote_dir(remote_dir: str) -> str:
+    """A ``--remote-dir`` deploy may create and replace: not a root, home or runner directory (one line if not)."""
+    path = remote_dir.rstrip("/")
+    base = posixpath.basename(path)
+    if not path or any(c in remote_dir for c in "\x00\n\r") or base in ("", ".", "..", "~", _runner.RUNNER_DIR):
+        raise UsageError(
+            f"--remote-dir {remote_dir!r} cannot hold a deployment (deploy replaces that directory as a whole).",
+            hint="Pass a directory of its own, e.g. edgepipe/my-model/my-target.",
         )
+    if path.startswith("~"):
+        raise UsageError(
+            f"--remote-dir {remote_dir!r} starts with '~', which is not expanded on the device.",
+            hint="Relative paths are relative to the login directory: drop the '~/'.",
+        )
+    return path
+
+
+def _runner_path(remote_dir: str) -> str:
+    """Where the runner goes: its own directory beside the deployment, named by its sha256, holding nothing else."""
+    parent = posixpath.dirname(remote_dir) or "."
+    return f"{parent}/{_runner.RUNNER_DIR}/{RUNNER_ID}/runner.py"
+
+
+# Device-side steps in POSIX sh (toybox and busybox have these), every path a positional argument. `ours` holds for
+# a path deploy may replace: none there, an empty directory, or a directory with edgepipe's marker file.
+_OURS = (
+    'ours() { [ ! -L "$1" ] && { [ ! -e "$1" ] || [ -f "$1/$m" ] || { [ -d "$1" ] && [ -z "$(ls -A "$1")" ]; }; }; }'
+)
+_BEGIN = (
+    _OURS + '; d=$1; s=$2; m=$3; for p in "$d" "$s"; do ours "$p" || { echo "$p"; exit 3; }; done; '
+    'rm -rf "$s" && mkdir -p "$s" && printf "%s\\n" "$4" > "$s/$m"'
+)
+_COMMIT = (
+    _OURS + '; d=$1; s=$2; m=$3; o=$4; for p in "$d" "$o"; do ours "$p" || { echo "$p"; exit 3; }; done; '
+    '[ -f "$s/$m" ] || exit 4; rm -rf "$o" || exit 5; if [ -e "$d" ]; then mv "$d" "$o" || exit 5; fi; '
+    'mv "$s" "$d" || { [ -e "$o" ] && mv "$o" "$d"; exit 5; }; rm -rf "$o"'
+)
+_RUNNER_INSTALL = '[ ! -L "$1" ] && rm -rf "$1" && mv "$2" "$1"'
+# Prints the interpreter's version; `import sys` reads no file, so the directory it starts in cannot matter.
+_PROBE = "import sys; print('.'.join(map(str, sys.version_info[:3])))"
+
+
+def _interpreter(t: _Transport, device: DeviceURL, python: str) -> list[str]:
+    """``[python]``, plus ``-P`` where the device's Python has it (3.11+: the script's directory is not on sys.path)."""
+    rc, out, err = t.run([python, "-c", _PROBE], 60)
+    version = out.strip().splitlines()[-1] if out.strip() else ""
+    if rc == 127 or not re.fullmatch(r"\d+\.\d+\.\d+", version):
+        if rc == 127 or "not found" in err or "No such file" in err:
+            raise DeviceError(
+                f"{python} is not found on {device.where}.",
+                hint="Install Python 3.8+ there (e.g. apt install python3) or pass the interpreter's path.",
+            )
+        last = (err.strip().splitlines() or ["no output"])[-1]
+        raise DeviceError(f"{python} on {device.where} does not run Python code (exit {rc}): {last}")
+    return [python, "-P"] if tuple(map(int, version.split("."))) >= (3, 11) else [python]
+
+
+def _run_verify(t: _Transport, python: list[str], runner: str, remote_dir: str, timeout: float):
+    rc, out, err = t.run([*python, runner, remote_dir, "--verify"], timeout)
     try:
         report = json.loads(out)
     except ValueError:
@@ -399,16 +471,51 @@ def _free_bytes(t: _Transport, path: str) -> int | None:
         return None
 
 
+def _not_ours(device: DeviceURL, path: str) -> DeviceError:
+    return DeviceError(
+        f"{path} on {device.where} exists and is not an edgepipe deployment (no {MARKER} in it), so deploy leaves it "
+        "alone.",
+        hint="Pass a --remote-dir of its own (one that does not exist yet, or an earlier deployment).",
+    )
+
+
+def _runner_current(report: dict | None) -> bool:
+    return (
+        report is not None
+        and report.get("runner_sha256") == RUNNER_SHA256
+        and report.get("shipped_sha256", {}) == SHIPPED_SHA256
+    )
+
+
+def _install_runner(t: _Transport, device: DeviceURL, runner: str) -> None:
+    """Copy runner.py and the modules it ships with into the runner's own directory, all at once: they go to a
+    staging directory that is renamed into place, so a cut copy is never run."""
+    runner_dir = posixpath.dirname(runner)
+    partial = f"{posixpath.dirname(runner_dir)}/.{posixpath.basename(runner_dir)}-{os.getpid()}.partial"
+    files = [(RUNNER, f"{partial}/runner.py"), *((RUNNER.parent / n, f"{partial}/{n}") for n in _runner.SHIPPED)]
+    try:
+        t.put(files)
+    except Exception as e:  # OSError, DeviceError, asyncssh.SFTPError
+        t.run(["rm", "-rf", partial], 60)
+        raise DeviceError(f"Copying runner.py to {device.where} failed: {e}.") from None
+    rc, _, err = t.run(["sh", "-c", _RUNNER_INSTALL, "sh", runner_dir, partial], 60)
+    if rc != 0:
+        t.run(["rm", "-rf", partial], 60)
+        raise DeviceError(f"Cannot put runner.py into {runner_dir} on {device.where}: {err.strip() or 'a symlink'}")
+
+
 def _copy(t: _Transport, device: DeviceURL, bundle: Path, manifest: dict, remote_dir: str) -> tuple[int, int]:
-    """Copy manifest-listed files + runner.py to remote_dir via a staging dir; returns (files, bytes)."""
+    """Copy manifest-listed files to remote_dir via a staging dir, marker first; returns (files, bytes)."""
     rels = ["manifest.json", *sorted(manifest["files"])]
-    pairs = [(bundle / rel, f"{remote_dir}.partial/{rel}") for rel in rels] + [
-        (RUNNER, f"{remote_dir}.partial/runner.py")
-    ]
-    pairs += [(RUNNER.parent / name, f"{remote_dir}.partial/{name}") for name in _runner.SHIPPED]
+    staging, old = f"{remote_dir}.edgepipe-partial", f"{remote_dir}.edgepipe-old"
+    pairs = [(bundle / rel, f"{staging}/{rel}") for rel in rels]
     need = sum(local.stat().st_size for local, _ in pairs)
-    staging = f"{remote_dir}.partial"
-    rc, _, err = t.run(["mkdir", "-p", staging], 60)
+    marker = json.dumps(
+        {"schema": "edgepipe.deployment/1", "manifest_sha256": _runner.sha256_file(str(bundle / "manifest.json"))}
+    )
+    rc, out, err = t.run(["sh", "-c", _BEGIN, "sh", remote_dir, staging, MARKER, marker], 60)
+    if rc == 3:
+        raise _not_ours(device, out.strip() or remote_dir)
     if rc != 0:
         raise DeviceError(f"Cannot create {staging} on {device.where}: {err.strip()}", hint="Pass another remote dir.")
     free = _free_bytes(t, staging)
@@ -430,7 +537,10 @@ def _copy(t: _Transport, device: DeviceURL, bundle: Path, manifest: dict, remote
                 hint="Free space there or pass another remote dir.",
             ) from None
         raise DeviceError(f"Copying the bundle to {device.where} failed: {e}.") from None
-    rc, _, err = t.run(["sh", "-c", 'rm -rf "$1" && mv "$2" "$1"', "sh", remote_dir, staging], 120)
+    rc, out, err = t.run(["sh", "-c", _COMMIT, "sh", remote_dir, staging, MARKER, old], 120)
+    if rc == 3:
+        t.run(["rm", "-rf", staging], 60)
+        raise _not_ours(device, out.strip() or remote_dir)
     if rc != 0:
         raise DeviceError(f"Cannot move the bundle into {remote_dir} on {device.where}: {err.strip()}")
     return len(pairs), need
@@ -441,25 +551,38 @@ def _deploy(
 ) -> DeployResult:
     start = time.perf_counter()
     in_place = device.scheme == "local" and remote_dir is None
-    remote_dir = str(bundle.resolve()) if in_place else remote_dir or _default_remote_dir(device, manifest)
-    runner = str(RUNNER) if in_place else f"{remote_dir}/runner.py"
+    if in_place:
+        remote_dir, runner = str(bundle.resolve()), str(RUNNER)  # edgepipe's own runner, in edgepipe's package
+    else:
+        remote_dir = _check_remote_dir(remote_dir) if remote_dir else _default_remote_dir(device, manifest)
+        runner = _runner_path(remote_dir)
+    interpreter = _interpreter(t, device, python)
+    manifest_sha = _runner.sha256_file(str(bundle / "manifest.json"))
     files, nbytes, copied = 0, 0, False
-    rc, report, err = _run_verify(t, device, python, runner, remote_dir, timeout)
+    rc, report, err = _run_verify(t, interpreter, runner, remote_dir, timeout)
+    if not in_place and not _runner_current(report):
+        _install_runner(t, device, runner)
+        rc, report, err = _run_verify(t, interpreter, runner, remote_dir, timeout)
     current = (
         report is not None
         and not report["files"]["problems"]
-        and report["manifest_sha256"] == _runner.sha256_file(str(bundle / "manifest.json"))
-        and report["runner_sha256"] == _runner.sha256_file(str(RUNNER))
-        and report.get("shipped_sha256") == {n: _runner.sha256_file(str(RUNNER.parent / n)) for n in _runner.SHIPPED}
+        and report["manifest_sha256"] == manifest_sha
+        and (in_place or report.get("deployment"))
     )
     if not current and not in_place:
         files, nbytes = _copy(t, device, bundle, manifest, remote_dir)
         copied = True
-        rc, report, err = _run_verify(t, device, python, runner, remote_dir, timeout)
+        rc, report, err = _run_verify(t, interpreter, runner, remote_dir, timeout)
     if report is None:
         last = (err.strip().splitlines() or ["no output"])[-1]
         raise DeviceError(f"runner.py --verify failed on {device.where} (exit {rc}): {last}")
     _raise_for_report(report, device, python, manifest)
+    if not _runner_current(report) or report["manifest_sha256"] != manifest_sha:
+        which = "runner.py" if not _runner_current(report) else "manifest.json"
+        raise DeviceError(
+            f"The {which} on {device.where} is not the one deployed (sha256 differs) in {remote_dir}.",
+            hint="Something on the device changed it; deploy again and check who else writes there.",
+        )
     return DeployResult(
         url=device.url,
         remote_dir=remote_dir,
@@ -526,6 +649,24 @@ def deploy(
 # ----------------------------------------------------------------------------------------------- bench
 
 
+def check_tolerance(manifest: dict) -> dict:
+    """The check tolerance edgepipe's own table (precisions.py) gives the bundle's plan and family, never the
+    manifest's: a bundle from elsewhere could loosen its own.
+
+    Raises:
+        BundleError: The manifest names a plan the table has no tolerance for.
+    """
+    family, precision = _runner.bench_kind(manifest), manifest.get("precision")
+    try:
+        return _plan_tolerance(precision, family)
+    except (KeyError, TypeError):
+        raise BundleError(
+            f"The bundle's manifest names precision {precision!r}, which has no {family} check tolerance in "
+            "edgepipe's table.",
+            hint="Rebuild the bundle with `edgepipe build`.",
+        ) from None
+
+
 def result_name(manifest: dict, device: DeviceURL, when: datetime.datetime) -> str:
     """``<model>__<target>__<device>__<UTC time>.json``, safe as a file name."""
     parts = [str(manifest.get("model", "model")), _target_name(manifest), device.slug, when.strftime("%Y%m%dT%H%M%SZ")]
@@ -590,8 +731,9 @@ def bench(
         elif device.scheme == "local" and remote_dir is None:
             remote_dir, runner = str(bundle.resolve()), str(RUNNER)
         else:
-            remote_dir = remote_dir or _default_remote_dir(device, manifest)
-            runner = f"{remote_dir}/runner.py"
+            remote_dir = _check_remote_dir(remote_dir) if remote_dir else _default_remote_dir(device, manifest)
+            runner = _runner_path(remote_dir)
+        interpreter = _interpreter(t, device, python)
         stamp = when.strftime("%Y%m%dT%H%M%S%fZ")
         # beside the bundle on a device; in the temp dir here, so a read-only artifacts/ still benches
         remote_json = (
@@ -599,7 +741,8 @@ def bench(
             if device.scheme == "local"
             else f"{remote_dir}.bench-{stamp}.json"
         )
-        argv = [python, runner, remote_dir, "--runs", str(runs), "--warmup", str(warmup), "--json", remote_json]
+        argv = [*interpreter, runner, remote_dir, "--runs", str(runs), "--warmup", str(warmup), "--json", remote_json]
+        argv += ["--tolerance", json.dumps(check_tolerance(manifest))]
         for flag, value in (("--batch", batch), ("--seq", seq), ("--threads", threads), ("--context", context)):
             if value is not None:
                 argv += [flag, str(value)]

@@ -9,6 +9,10 @@ binding imports torch itself). Keep it compatible with Python 3.8 (JetPack 5).
     python3 runner.py BUNDLE_DIR --runs 50 --warmup 10 [--batch 1 --seq 128] [--threads 4] --json out.json
     python3 runner.py BUNDLE_DIR --verify          # sha256 + bytes of every file, runtime importable; JSON on stdout
 
+A bundle is untrusted input: the runner is started from a directory that holds no bundle file (``python3 -P`` where
+the interpreter has it), and it refuses a bundle whose files are not exactly the ones its manifest lists with their
+sha256 and size, or whose names could be code (``bundle_path_problem``; docs/architecture.md, "The bundle").
+
 The output schema (edgepipe.bench/1) is documented in edgepipe/harness/SCHEMA.md. Exit status: 0 ok,
 1 runtime failure, 2 usage, 3 JSON written but the output check failed, 4 bundle files missing or corrupt,
 5 numpy or the runtime missing.
@@ -24,6 +28,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -49,6 +54,19 @@ PACKAGES = ["numpy", "onnxruntime", "executorch", "torch", "tensorrt", "cuda-pyt
 PROFILE_ITERATIONS = 50  # trtexec --iterations for TensorRT's --profile
 # Modules that travel with runner.py and sit beside it on the device (runner.sibling imports them).
 SHIPPED = ["profiles.py"]
+
+# What a bundle may hold (docs/architecture.md, "The bundle"). Names are plain relative paths of safe segments; nothing
+# that Python could import or load as code, except edgepipe's own build_engine.py (checked by sha256: the file in
+# edgepipe/runtimes; tests/harness/test_runner.py keeps this constant true).
+MANIFEST = "manifest.json"
+DEPLOY_MARKER = ".edgepipe-deployment"  # written by `edgepipe deploy`: the only directories deploy replaces
+RUNNER_DIR = ".edgepipe-runner"  # beside the deployments: the runner runs from there, never from a bundle
+BUILD_ENGINE = "build_engine.py"
+BUILD_ENGINE_SHA256 = "0971f7cad17433ae16b29cf9402fd52838d9fb2f81e1ee6513e2eae41b0cd2ed"
+CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".pyw", ".pyd", ".pyz", ".pth", ".so", ".dylib", ".dll", ".egg", ".whl")
+SAFE_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
+SHA256 = re.compile(r"[0-9a-f]{64}\Z")
+SESSION_CONFIG_KEYS = ("session.disable_quant_qdq",)  # the ORT session entries a manifest may set
 
 
 class RunnerError(Exception):
@@ -78,6 +96,70 @@ def _sha256_or_none(path: str) -> str | None:
     return sha256_file(path) if os.path.isfile(path) else None
 
 
+def name_problem(name) -> str | None:
+    """Why ``name`` is not one safe path segment (a model or target name, a bundle file's part), or None."""
+    if not isinstance(name, str) or not SAFE_SEGMENT.match(name):
+        return "not one segment of A-Z a-z 0-9 . _ - (at most 128, not starting with a dot or dash)"
+    return None
+
+
+def bundle_path_problem(rel) -> str | None:
+    """Why ``rel`` may not name a file in a bundle, or None: a relative POSIX path of safe segments, no ``..``,
+    nothing Python could import or load (.py, .so, .pth, __init__, ...) but edgepipe's build_engine.py."""
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel:
+        return "not a relative POSIX path"
+    if rel.startswith("/") or os.path.isabs(rel):
+        return "absolute path"
+    parts = rel.split("/")
+    if ".." in parts:
+        return "path leaves the bundle"
+    if rel == MANIFEST:
+        return "the manifest does not list itself"
+    for part in parts:
+        problem = name_problem(part)
+        if problem:
+            return "{!r} is {}".format(part, problem)
+        low = part.lower()
+        if low.startswith("__init__") or low in ("__pycache__", "__main__"):
+            return "a Python package file"
+        if rel != BUILD_ENGINE and (low.endswith(CODE_SUFFIXES) or ".so." in low):
+            return "a code file (.py, .so, .pth, ...)"
+    return None
+
+
+def _symlink_in(bundle: str, rel: str) -> bool:
+    path = bundle
+    for part in rel.split("/"):
+        path = os.path.join(path, part)
+        if os.path.islink(path):
+            return True
+    return False
+
+
+def graph_files(manifest: dict) -> list:
+    """Every file name under manifest["graphs"] (nested tables too: a TensorRT decoder's "proxy")."""
+    out, todo = [], [manifest.get("graphs") or {}]
+    while todo:
+        node = todo.pop()
+        for value in node.values() if isinstance(node, dict) else [node]:
+            if isinstance(value, dict):
+                todo.append(value)
+            else:
+                out.append(value)
+    return out
+
+
+def _device_built(manifest: dict, rel) -> bool:
+    """A TensorRT engine's name: built on the device from the listed ONNX by build_engine.py; no manifest lists it."""
+    return (
+        manifest.get("runtime") == "tensorrt"
+        and isinstance(rel, str)
+        and "/" not in rel
+        and rel.endswith(".plan")
+        and bundle_path_problem(rel) is None
+    )
+
+
 def load_manifest(bundle: str) -> dict:
     path = os.path.join(bundle, "manifest.json")
     try:
@@ -93,15 +175,24 @@ def load_manifest(bundle: str) -> dict:
 
 
 def verify_files(bundle: str, manifest: dict) -> dict:
-    """Check sha256 and size of every file the manifest lists.
+    """Check that the bundle holds exactly the files its manifest lists, each with its sha256 and size, under names
+    a bundle may have (``bundle_path_problem``), every graph it loads among them, and no symlink.
 
     Returns:
         {"checked": n, "bytes": total, "problems": [{"path", "problem"}]}; no problems means the bundle is intact.
     """
     problems, total = [], 0
-    for rel, meta in sorted(manifest["files"].items()):
-        if os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/"):
-            problems.append({"path": rel, "problem": "path leaves the bundle"})
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return {"checked": 0, "bytes": 0, "problems": [{"path": MANIFEST, "problem": "lists no files"}]}
+    for rel, meta in sorted(files.items()):
+        why = bundle_path_problem(rel)
+        if why is None and not (isinstance(meta, dict) and SHA256.match(str(meta.get("sha256", "")))):
+            why = "no sha256 in the manifest"
+        if why is None and _symlink_in(bundle, rel):
+            why = "a symlink"
+        if why is not None:
+            problems.append({"path": str(rel), "problem": why})
             continue
         path = os.path.join(bundle, rel)
         if not os.path.isfile(path):
@@ -109,11 +200,39 @@ def verify_files(bundle: str, manifest: dict) -> dict:
             continue
         size = os.path.getsize(path)
         total += size
-        if meta.get("bytes") is not None and size != meta["bytes"]:
+        sha = None if meta.get("bytes") is not None and size != meta["bytes"] else sha256_file(path)
+        if sha is None:
             problems.append({"path": rel, "problem": "size {} != {} in manifest".format(size, meta["bytes"])})
-        elif sha256_file(path) != meta.get("sha256"):
+        elif sha != meta["sha256"]:
             problems.append({"path": rel, "problem": "sha256 mismatch"})
-    return {"checked": len(manifest["files"]), "bytes": total, "problems": problems}
+        elif rel == BUILD_ENGINE and sha != BUILD_ENGINE_SHA256:
+            problems.append({"path": rel, "problem": "not edgepipe's build_engine.py (sha256 differs)"})
+    for rel in graph_files(manifest):
+        if rel not in files and not _device_built(manifest, rel):
+            problems.append({"path": str(rel), "problem": "a graph the manifest's files do not list"})
+    problems += _unlisted(bundle, manifest)
+    return {"checked": len(files), "bytes": total, "problems": problems}
+
+
+def _unlisted(bundle: str, manifest: dict) -> list:
+    """Files and symlinks in ``bundle`` that its manifest does not list (the manifest, the deployment marker and, in
+    a deployment, the TensorRT engines built there aside): nothing unverified sits where a runtime could load it.
+    Deploy copies listed files only, so an engine in a deployment was built on the device; one in a bundle
+    directory came with it and is refused like any other unlisted file."""
+    problems, files = [], manifest["files"]
+    deployed = os.path.isfile(os.path.join(bundle, DEPLOY_MARKER)) and not _symlink_in(bundle, DEPLOY_MARKER)
+    for root, dirs, names in os.walk(bundle):
+        for name in sorted(dirs + names):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, bundle).replace(os.sep, "/")
+            if os.path.islink(path):
+                if rel not in files:  # a listed one is reported above
+                    problems.append({"path": rel, "problem": "a symlink"})
+            elif name in names and rel not in files and rel not in (MANIFEST, DEPLOY_MARKER):
+                if not (deployed and _device_built(manifest, rel)):
+                    problems.append({"path": rel, "problem": "not listed in the manifest"})
+        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(root, d))]
+    return problems
 
 
 def runtime_status(runtime: str) -> dict:
@@ -160,6 +279,7 @@ def verify(bundle: str) -> dict:
         "runner_sha256": sha256_file(os.path.abspath(__file__)),
         "shipped_sha256": {name: _sha256_or_none(_beside(name)) for name in SHIPPED},
         "manifest_sha256": sha256_file(os.path.join(bundle, "manifest.json")),
+        "deployment": os.path.isfile(os.path.join(bundle, DEPLOY_MARKER)) and not _symlink_in(bundle, DEPLOY_MARKER),
         "files": files,
         "runtime": runtime,
         "python": {"executable": sys.executable, "version": platform.python_version()},
@@ -191,6 +311,13 @@ class OrtSession:
         if threads:
             options.intra_op_num_threads = threads
         for key, value in (manifest.get("session_config") or {}).items():
+            if key not in SESSION_CONFIG_KEYS or not isinstance(value, str):
+                raise RunnerError(
+                    "manifest.json sets onnxruntime session entry {!r}; a bundle may set only {}".format(
+                        key, ", ".join(SESSION_CONFIG_KEYS)
+                    ),
+                    EXIT_BAD_FILES,
+                )
             options.add_session_config_entry(key, value)
         target = manifest.get("target") or {}
         wanted = [
@@ -525,23 +652,26 @@ SESSIONS = {
 def graph_path(bundle: str, manifest: dict, graph: str = "model") -> str:
     """The file a runtime loads for `graph` ("model"; decoders: "prefill" / "decode")."""
     graphs = manifest.get("graphs") or {}
-    if manifest.get("runtime") == "tensorrt" and graph == "model":
-        rel = graphs.get("engine") or graphs.get("plan") or "model.plan"
-        if not os.path.isfile(os.path.join(bundle, rel)):
-            raise RunnerError(
-                "{} has no TensorRT engine {}; engines are built on the device: trtexec --onnx={} "
-                "--saveEngine={}".format(bundle, rel, graphs.get("model", "model.onnx"), rel),
-                EXIT_BAD_FILES,
-            )
-    else:
-        rel = graphs.get(graph)
-        if rel is None:
-            raise RunnerError(f"manifest.json has no graphs.{graph} (graphs: {sorted(graphs)})", EXIT_BAD_FILES)
-        if manifest.get("runtime") == "tensorrt" and not os.path.isfile(os.path.join(bundle, rel)):
-            raise RunnerError(
-                f"{bundle} has no TensorRT engine {rel}; engines are built on the device: python3 build_engine.py",
-                EXIT_BAD_FILES,
-            )
+    tensorrt = manifest.get("runtime") == "tensorrt"
+    rel = (
+        graphs.get("engine") or graphs.get("plan") or "model.plan"
+        if tensorrt and graph == "model"
+        else graphs.get(graph)
+    )
+    if rel is None:
+        raise RunnerError(f"manifest.json has no graphs.{graph} (graphs: {sorted(graphs)})", EXIT_BAD_FILES)
+    problem = bundle_path_problem(rel)
+    if problem:
+        raise RunnerError("manifest.json names graph {!r}: {}".format(rel, problem), EXIT_BAD_FILES)
+    if tensorrt and not os.path.isfile(os.path.join(bundle, rel)):
+        how = (
+            "trtexec --onnx={} --saveEngine={}".format(graphs.get("model", "model.onnx"), rel)
+            if graph == "model"
+            else "python3 build_engine.py"
+        )
+        raise RunnerError(
+            f"{bundle} has no TensorRT engine {rel}; engines are built on the device: {how}", EXIT_BAD_FILES
+        )
     return os.path.join(bundle, rel)
 
 
@@ -1242,8 +1372,19 @@ class DecoderGraphs:
         io = manifest.get("io") or {}
         if "decode" not in io or "prefill" not in io or "decoder" not in manifest:
             raise RunnerError("manifest.json of a decoder needs io.prefill, io.decode and decoder", EXIT_BAD_FILES)
-        self.chunk = int(manifest["decoder"]["prefill_tokens"])
-        self.state_spec = [i for i in io["decode"]["inputs"] if i["name"] not in ("input_ids", "position")]
+        try:
+            self.chunk = int(manifest["decoder"]["prefill_tokens"])
+            self.state_spec = [i for i in io["decode"]["inputs"] if i["name"] not in ("input_ids", "position")]
+            shapes = [(s["shape"], s["dtype"]) for s in self.state_spec]
+            if not all(isinstance(d, str) and all(isinstance(n, int) and n >= 0 for n in sh) for sh, d in shapes):
+                raise ValueError("a state input without an int shape and a dtype name")
+        except (KeyError, TypeError, ValueError) as e:
+            raise RunnerError(
+                "manifest.json's decoder.prefill_tokens or io.decode.inputs is malformed ({}: {})".format(
+                    type(e).__name__, e
+                ),
+                EXIT_BAD_FILES,
+            ) from None
         self.sessions = {}
         for graph in ("prefill", "decode"):
             graph_manifest = dict(manifest, io=io[graph])
@@ -1460,7 +1601,10 @@ def bench(bundle: str, args: argparse.Namespace) -> dict:
             EXIT_MISSING_RUNTIME,
         )
     kind = bench_kind(manifest)
-    result = BENCHES[kind](bundle, manifest, args)
+    # The host passes the tolerance from edgepipe's own table (precisions.py); the manifest's is the bundle's word.
+    tolerance = getattr(args, "tolerance", None)
+    result = BENCHES[kind](bundle, dict(manifest, validation=tolerance) if tolerance else manifest, args)
+    result["check"]["tolerance_source"] = "edgepipe" if tolerance else "manifest"
     target = manifest.get("target") or {}
     graph = graph_path(bundle, manifest) if kind == "encoder" else None
     record = {
@@ -1525,6 +1669,21 @@ def _contexts(text: str) -> list:
     return [_positive(x) for x in text.split(",") if x.strip()]
 
 
+def _tolerance(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    keys = ("atol", "min_cosine", "min_token_agreement")
+    if (
+        not isinstance(value, dict)
+        or not value
+        or any(k not in keys or not isinstance(v, (int, float)) for k, v in value.items())
+    ):
+        raise argparse.ArgumentTypeError("expected a JSON object of numbers with keys from {}".format(", ".join(keys)))
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="runner.py", description="Verify, check and time an edgepipe bundle here.")
     p.add_argument("bundle", help="bundle directory (manifest.json, model file, check.npz)")
@@ -1543,6 +1702,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--profile", action="store_true", help="after the timed runs, per-op times from the runtime's own profiler"
+    )
+    p.add_argument(
+        "--tolerance",
+        type=_tolerance,
+        default=None,
+        help='check tolerance instead of the manifest\'s, e.g. {"atol": 1e-4, "min_cosine": 0.9999}; edgepipe '
+        "passes its own table's",
     )
     p.add_argument("--json", default="-", help="where to write the result ('-' = stdout)")
     return p

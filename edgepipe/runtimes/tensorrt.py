@@ -456,19 +456,30 @@ def polygraphy_lint(path: Path, timeout: int = 300) -> str:
 
 # ------------------------------------------------------------------------------------------------- sessions
 def load(artifact: Path, target: Target | None = None, threads: int | None = None):
-    """A session on the bundle: the TensorRT engine where it runs here, else the ORT proxy of ``artifact``."""
+    """A session on the bundle: the TensorRT engine where it runs here, else the ORT proxy of ``artifact``.
+
+    An engine beside ``artifact`` (``model.plan``) is loaded; without one, the engine is built from ``artifact`` into
+    a private temporary directory: never into the bundle, nor to a path its build_plan.json names (a bundle from
+    elsewhere is untrusted; docs/architecture.md, "The bundle").
+    """
     if tensorrt_here() is None:
         from edgepipe.runtimes import build_engine
 
-        engine = Path(artifact).with_name("model.plan")
-        if not engine.is_file():
-            build_engine_here(
-                Path(artifact).parent, json.loads(Path(artifact).with_name("build_plan.json").read_text())
-            )
+        artifact = Path(artifact)
+        engine = artifact.with_name("model.plan")
         try:
-            return build_engine.EngineRunner(engine)
+            if engine.is_file():
+                return build_engine.EngineRunner(engine)
+            plan = json.loads(artifact.with_name("build_plan.json").read_text(encoding="utf-8"))
+            with tempfile.TemporaryDirectory(prefix="edgepipe-engine-") as tmp:
+                build_engine_here(Path(tmp), {**plan, "onnx": str(artifact.resolve()), "engine": "model.plan"})
+                return build_engine.EngineRunner(Path(tmp) / "model.plan")  # deserialized: the file can go
         except build_engine.BuildFailure as exc:
             raise BuildError(str(exc), hint="Rebuild the engine with `python3 build_engine.py --force`.") from None
+        except (OSError, ValueError, TypeError) as exc:
+            raise BuildError(
+                f"Cannot read {artifact.with_name('build_plan.json')} ({exc}).", hint="Rebuild the bundle."
+            ) from None
     return ProxySession(Path(artifact), threads)
 
 

@@ -33,6 +33,7 @@ import math
 import os
 import random
 import time
+import zipfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from edgepipe.cache import atomic_npz, load_checkpoint, remove_checkpoints, save_checkpoint
 from edgepipe.config import DistillConfig, StudentConfig
 from edgepipe.data import encode, load_tokenizer, read_sentences
 from edgepipe.errors import BuildError, ModelError
@@ -436,8 +438,7 @@ def distill(
         save_student(student, out_dir)
         if held_out is not None:
             np.save(out_dir / "held_out.npy", after.pop("embeddings"))
-        (out_dir / "checkpoint.safetensors").unlink(missing_ok=True)
-        (out_dir / "optimizer.pt").unlink(missing_ok=True)
+        remove_checkpoints(out_dir)
     before.pop("embeddings", None)
     return {
         "steps": cfg.steps,
@@ -605,15 +606,15 @@ def _cached_targets(
     teacher, tok, sentences, progress, cache: Path | None, tokens: bool, precision: str
 ) -> dict[str, np.ndarray]:
     if cache is not None and cache.is_file():
-        with np.load(cache) as data:
-            if not tokens or "tokens" in data.files:
-                return {k: data[k] for k in data.files}
+        try:
+            with np.load(cache) as data:
+                if not tokens or "tokens" in data.files:
+                    return {k: data[k] for k in data.files}
+        except (OSError, ValueError, zipfile.BadZipFile):  # unreadable: computed again and replaced
+            pass
     targets = teacher_targets(teacher, tok, sentences, progress, tokens, precision)
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, **targets)
-        tmp.rename(cache)
+    if cache is not None:  # builds of other students share it: written whole under a private name, then renamed
+        atomic_npz(cache, targets)
     return targets
 
 
@@ -628,21 +629,22 @@ def _held_out_fidelity(student: Encoder, held_out, teacher_emb) -> dict:
 
 
 def _checkpoint(out_dir: Path, student: Encoder, opt, step: int) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(out_dir / "checkpoint.tmp"))
-    torch.save({"step": step, "optimizer": opt.state_dict()}, out_dir / "optimizer.tmp")
-    (out_dir / "checkpoint.tmp").replace(out_dir / "checkpoint.safetensors")
-    (out_dir / "optimizer.tmp").replace(out_dir / "optimizer.pt")
+    weights = {k: v.contiguous() for k, v in student.state_dict().items()}
+    save_checkpoint(out_dir, step, weights, {"optimizer": opt.state_dict()})
 
 
 def _resume(out_dir: Path, student: Encoder, opt) -> int:
-    ckpt, state = out_dir / "checkpoint.safetensors", out_dir / "optimizer.pt"
-    if not (ckpt.is_file() and state.is_file()):
+    """The step of the last complete checkpoint in ``out_dir``, loaded into ``student`` and ``opt`` (0: none)."""
+    saved = load_checkpoint(out_dir)
+    if saved is None:
         return 0
-    student.load_state_dict(load_file(str(ckpt)))
-    saved = torch.load(state, weights_only=True)
-    opt.load_state_dict(saved["optimizer"])
-    return int(saved["step"])
+    step, weights, state = saved
+    try:
+        student.load_state_dict(weights)
+        opt.load_state_dict(state["optimizer"])
+    except (RuntimeError, KeyError, ValueError):  # another student's checkpoint: start over
+        return 0
+    return step
 
 
 def save_student(student: Encoder, out_dir: Path) -> None:

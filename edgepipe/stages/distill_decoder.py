@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from edgepipe.cache import RESUME
 from edgepipe.config import DecoderConfig, DecoderDistillConfig, MambaConfig
 from edgepipe.data import encode_text, read_sentences, windows
 from edgepipe.errors import UsageError
@@ -203,7 +204,7 @@ def distill_decoder(
     held = encode_text(tok, eval_sentences if eval_sentences is not None else read_sentences(cfg.eval_data))
     teacher.eval().requires_grad_(False)
     before = None
-    if not (ckpt / "optimizer.pt").is_file():
+    if not (ckpt / RESUME).is_file():  # a fresh run, not a resumed one
         with progress.stage("student vs teacher before distillation"):
             before = evaluate(student, teacher, held, cfg.seq_len, cfg.eval_tokens)
 

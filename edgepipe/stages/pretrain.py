@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from edgepipe.cache import load_checkpoint, remove_checkpoints, save_checkpoint
 from edgepipe.config import MODELS_DIR, SPECIAL_TOKENS, DecoderConfig, PretrainConfig, load_recipe
 from edgepipe.data import encode_text, read_sentences, windows
 from edgepipe.errors import UsageError
@@ -176,22 +176,21 @@ def _state_dict(model: DecoderLM) -> dict[str, torch.Tensor]:
 
 
 def _checkpoint(ckpt: Path, model: DecoderLM, opt, step: int, history: list[float]) -> None:
-    ckpt.mkdir(parents=True, exist_ok=True)
-    save_file(_state_dict(model), str(ckpt / "weights.tmp"))
-    torch.save({"step": step, "optimizer": opt.state_dict(), "history": history}, ckpt / "optimizer.tmp")
-    # Rename both only after both are written: a kill mid-write leaves the previous checkpoint intact.
-    (ckpt / "weights.tmp").replace(ckpt / "weights.safetensors")
-    (ckpt / "optimizer.tmp").replace(ckpt / "optimizer.pt")
+    # weights and state of one step, then the pointer: a kill mid-write leaves the previous checkpoint in force
+    save_checkpoint(ckpt, step, _state_dict(model), {"optimizer": opt.state_dict(), "history": history})
 
 
 def _resume(ckpt: Path, model: DecoderLM, opt) -> tuple[int, list[float]]:
-    weights, state = ckpt / "weights.safetensors", ckpt / "optimizer.pt"
-    if not (weights.is_file() and state.is_file()):
+    saved = load_checkpoint(ckpt)
+    if saved is None:
         return 0, []
-    model.load_state_dict(load_file(str(weights)), strict=not model.cfg.tie_embeddings)
-    saved = torch.load(state, weights_only=True)
-    opt.load_state_dict(saved["optimizer"])
-    return int(saved["step"]), list(saved["history"])
+    step, weights, state = saved
+    try:
+        model.load_state_dict(weights, strict=not model.cfg.tie_embeddings)
+        opt.load_state_dict(state["optimizer"])
+    except (RuntimeError, KeyError, ValueError):  # another model's checkpoint: start over
+        return 0, []
+    return step, list(state["history"])
 
 
 def pretrain(
@@ -277,8 +276,8 @@ def pretrain(
         "config": asdict(cfg),
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    for name in ("weights.safetensors", "optimizer.pt", "tokenizer.json"):
-        (ckpt / name).unlink(missing_ok=True)
+    remove_checkpoints(ckpt)
+    (ckpt / "tokenizer.json").unlink(missing_ok=True)
     ckpt.rmdir()
     return metrics
 

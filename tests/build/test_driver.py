@@ -85,7 +85,15 @@ def test_write_bundle_is_whole_or_absent(tmp_path):
     build, tried = _build(tmp_path), []
     best = build.fit_precision(_recipe(build, {"w8a8": 0.0}, tried), build.target.precisions, "encoder", "cos")
     files = {"model.bin": best.lowered.dir / "model.bin"}
-    manifest = build.manifest(kind="encoder", family="encoder", best=best, latency=None, route={}, source_model={})
+    manifest = build.manifest(
+        kind="encoder",
+        family="encoder",
+        best=best,
+        latency=None,
+        route={},
+        source_model={},
+        graphs={"model": "model.bin"},
+    )
     bundle = build.write_bundle(files, manifest, lambda tmp: (tmp / "check.npz").write_bytes(b"x"))
     first = read_manifest(bundle.path)
     assert (bundle.path / "model.bin").read_text() == "w8a8" and "check.npz" in first["files"]
@@ -95,7 +103,7 @@ def test_write_bundle_is_whole_or_absent(tmp_path):
         (tmp / "check.npz").write_bytes(b"half")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError):
+    with pytest.raises(BuildError, match=r"No space left writing bundle host-cpu in .*nothing half-written"):
         build.write_bundle(files, manifest, fail)
     assert read_manifest(bundle.path) == first  # the previous bundle is untouched
     leftovers = [p.name for p in bundle.path.parent.iterdir() if p.name != bundle.path.name]

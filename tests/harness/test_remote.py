@@ -60,17 +60,19 @@ def ssh_options(server: SshServer, **overrides: object) -> dict:
 def test_deploy_bench_compare_round_trip_over_ssh(sshd: SshServer, bundle: Path, tmp_path: Path) -> None:
     device_dir = str(tmp_path / "device" / "tiny-encoder")
     first = remote.deploy(bundle, sshd.url, remote_dir=device_dir, **ssh_options(sshd))
-    assert first.copied and first.files == 6 and first.runtime == "onnxruntime" and first.runtime_version
+    assert first.copied and first.files == 4 and first.runtime == "onnxruntime" and first.runtime_version
     assert first.verify["ok"] and first.verify["files"]["checked"] == 3
     assert sorted(p.name for p in Path(device_dir).iterdir()) == [
+        ".edgepipe-deployment",
         "check.npz",
         "manifest.json",
         "model.onnx",
-        "profiles.py",
-        "runner.py",
         "tokenizer.json",
     ]
-    assert not Path(device_dir + ".partial").exists()
+    # the runner runs from its own directory beside the deployment, which holds nothing else
+    assert first.runner == f"{Path(device_dir).parent}/.edgepipe-runner/{remote.RUNNER_ID}/runner.py"
+    assert sorted(p.name for p in Path(first.runner).parent.iterdir()) == ["profiles.py", "runner.py"]
+    assert sorted(p.name for p in Path(device_dir).parent.iterdir()) == [".edgepipe-runner", "tiny-encoder"]
     again = remote.deploy(bundle, sshd.url, remote_dir=device_dir, **ssh_options(sshd))
     assert not again.copied  # same manifest and runner already there
 
@@ -185,7 +187,7 @@ def test_deploy_reports_no_space_on_the_device(sshd: SshServer, tmp_path: Path) 
         big = make_onnx_bundle(tmp_path / "big", padding_bytes=1 << 20)
         with pytest.raises(DeviceError, match=r"No space on .*needs 1\.\d+ MB .* MB are free"):
             remote.deploy(big, sshd.url, remote_dir=str(small / "bundle"), **ssh_options(sshd))
-        assert list(small.iterdir()) == []
+        assert [p.name for p in small.iterdir()] == [".edgepipe-runner"]  # the runner went first; no bundle, no partial
     finally:
         subprocess.run(["umount", str(small)], check=True)
 

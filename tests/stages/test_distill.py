@@ -244,7 +244,7 @@ def test_distill_resumes_from_its_last_checkpoint(tmp_path, tiny_teacher, teache
     monkeypatch.setattr(torch.optim.AdamW, "step", crash_after_seven)
     with pytest.raises(KeyboardInterrupt):
         distill(tiny_teacher, student_cfg, cfg, tmp_path, Progress(quiet=True), tokenizer_path=tok_path)
-    assert (tmp_path / "checkpoint.safetensors").is_file()
+    assert (tmp_path / "resume.json").is_file() and (tmp_path / "checkpoint-5.safetensors").is_file()
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     resumed = distill(tiny_teacher, student_cfg, cfg, tmp_path, Progress(quiet=True), tokenizer_path=tok_path)
     assert resumed["resumed_from"] == 5
