@@ -25,6 +25,7 @@ import json
 import os
 import posixpath
 import re
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -407,7 +408,12 @@ _COMMIT = (
     '[ -f "$s/$m" ] || exit 4; rm -rf "$o" || exit 5; if [ -e "$d" ]; then mv "$d" "$o" || exit 5; fi; '
     'mv "$s" "$d" || { [ -e "$o" ] && mv "$o" "$d"; exit 5; }; rm -rf "$o"'
 )
-_RUNNER_INSTALL = '[ ! -L "$1" ] && rm -rf "$1" && mv "$2" "$1"'
+# $1: the runner's directory, $2: a complete staged copy. A directory already holding the same files (another
+# bench on this device installed it first) is kept, so a runner started from it keeps its files; else replaced.
+_RUNNER_INSTALL = (
+    '[ ! -L "$1" ] || exit 1; mv -T "$2" "$1" 2>/dev/null && exit 0; '
+    'if diff -r "$2" "$1" >/dev/null 2>&1; then rm -rf "$2"; else rm -rf "$1" && mv "$2" "$1"; fi'
+)
 # Prints the interpreter's version; `import sys` reads no file, so the directory it starts in cannot matter.
 _PROBE = "import sys; print('.'.join(map(str, sys.version_info[:3])))"
 
@@ -491,7 +497,8 @@ def _install_runner(t: _Transport, device: DeviceURL, runner: str) -> None:
     """Copy runner.py and the modules it ships with into the runner's own directory, all at once: they go to a
     staging directory that is renamed into place, so a cut copy is never run."""
     runner_dir = posixpath.dirname(runner)
-    partial = f"{posixpath.dirname(runner_dir)}/.{posixpath.basename(runner_dir)}-{os.getpid()}.partial"
+    token = f"{os.getpid()}-{secrets.token_hex(4)}"  # several benches of one process may stage here at once
+    partial = f"{posixpath.dirname(runner_dir)}/.{posixpath.basename(runner_dir)}-{token}.partial"
     files = [(RUNNER, f"{partial}/runner.py"), *((RUNNER.parent / n, f"{partial}/{n}") for n in _runner.SHIPPED)]
     try:
         t.put(files)
