@@ -568,7 +568,8 @@ def deploy(bundle: Path, url: str, **options) -> None:
     what = f"copied {result.files} files, {result.bytes / 1e6:.1f} MB" if result.copied else "already there, unchanged"
     console.print(f"[green]deployed[/] {bundle} -> {url}:{result.remote_dir} ({what}, {result.seconds:.1f} s)")
     runtime = f"{result.runtime} {result.runtime_version or ''}".strip()
-    console.print(f"runtime on the device: {runtime} ({result.python} {result.python_version})")
+    engine = f"; {result.engine_line}" if result.engine_line else ""  # TensorRT: the engine built or cached there
+    console.print(f"runtime on the device: {runtime} ({result.python} {result.python_version}){engine}")
 
 
 @cli.command()

@@ -117,6 +117,11 @@ class DeployResult:
     bytes: int
     seconds: float
     verify: dict = field(repr=False)
+    engine: dict | None = None  # TensorRT bundles: runner.py --engine's edgepipe.engine/1 state on the device
+
+    @property
+    def engine_line(self) -> str | None:
+        return engine_line(self.engine) if self.engine is not None else None
 
 
 # ----------------------------------------------------------------------------------------------- transports
@@ -546,6 +551,39 @@ def _copy(t: _Transport, device: DeviceURL, bundle: Path, manifest: dict, remote
     return len(pairs), need
 
 
+def _engine_on_device(
+    t: _Transport,
+    device: DeviceURL,
+    interpreter: list[str],
+    runner: str,
+    remote_dir: str,
+    manifest: dict,
+    timeout: float,
+) -> dict | None:
+    """TensorRT bundles: build the engine on the device from the bundle's plan unless its cache has it (runner.py
+    --engine; the cache sits beside the bundle, so a redeploy keeps it). None for other runtimes."""
+    if manifest.get("runtime") != "tensorrt" or "build_plan.json" not in manifest["files"]:
+        return None
+    rc, out, err = t.run([*interpreter, runner, remote_dir, "--engine"], timeout)
+    try:
+        state = json.loads(out)
+    except ValueError:
+        last = (err.strip().splitlines() or ["no output"])[-1].removeprefix("error: ")
+        raise DeviceError(f"runner.py --engine failed on {device.where} (exit {rc}): {last}") from None
+    if state.get("error"):
+        raise DeviceError(f"Building the TensorRT engine on {device.where} failed: {state['error']}")
+    return state
+
+
+def engine_line(engine: dict) -> str:
+    """One line on a TensorRT bundle's engine on the device."""
+    if engine.get("built"):
+        return f"engine: built into {engine['dir']}."
+    if engine.get("cached"):
+        return f"engine: cached in {engine['dir']} (key {engine['key']})."
+    return f"engine: not built ({engine.get('skipped')})."
+
+
 def _deploy(
     t: _Transport, device: DeviceURL, bundle: Path, manifest: dict, remote_dir: str | None, python: str, timeout: float
 ) -> DeployResult:
@@ -576,7 +614,13 @@ def _deploy(
     if report is None:
         last = (err.strip().splitlines() or ["no output"])[-1]
         raise DeviceError(f"runner.py --verify failed on {device.where} (exit {rc}): {last}")
-    _raise_for_report(report, device, python, manifest)
+    engine = _engine_on_device(t, device, interpreter, runner, remote_dir, manifest, timeout)
+    try:
+        _raise_for_report(report, device, python, manifest)
+    except DeviceError as e:
+        if engine is not None:  # say what became of the engine cache too
+            e.hint = f"{e.hint or ''} {engine_line(engine)}".strip()
+        raise
     if not _runner_current(report) or report["manifest_sha256"] != manifest_sha:
         which = "runner.py" if not _runner_current(report) else "manifest.json"
         raise DeviceError(
@@ -596,6 +640,7 @@ def _deploy(
         bytes=nbytes,
         seconds=time.perf_counter() - start,
         verify=report,
+        engine=engine,
     )
 
 
