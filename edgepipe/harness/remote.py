@@ -69,6 +69,8 @@ class DeviceURL:
             UsageError: Anything else.
         """
         accepted = "Accepted: local, ssh://user@host[:port], adb://serial."
+        if not isinstance(url, str):
+            raise UsageError("No device given (--device).", hint=accepted)
         if url == "local":
             return cls("local")
         m = re.fullmatch(r"ssh://(?:([^@/:\s]+)@)?(\[[0-9a-fA-F:]+\]|[^@/:\s\[\]]+)(?::(\d{1,5}))?/?", url)
@@ -718,6 +720,27 @@ def result_name(manifest: dict, device: DeviceURL, when: datetime.datetime) -> s
     return "__".join(re.sub(r"[^A-Za-z0-9._@-]+", "-", p) for p in parts) + ".json"
 
 
+def _bench_native(bundle, device, manifest, when, results_dir, runner, runs, warmup, *unsupported) -> Path:
+    """bench --runner native (harness/native.py): this machine only so far."""
+    from edgepipe.harness import native
+
+    if runner != "native":
+        raise UsageError(f"Unknown runner {runner!r}.", hint="Accepted: python, native.")
+    if device.scheme != "local":
+        raise UsageError(
+            f"--runner native runs on --device local only so far, not {device.url}.",
+            hint="Use the Python runner there (drop --runner native).",
+        )
+    names = ("batch", "seq", "threads", "context", "profile")
+    record = native.bench_local(bundle, runs=runs, warmup=warmup, **dict(zip(names, unsupported)))
+    results_dir.mkdir(parents=True, exist_ok=True)
+    final = results_dir / result_name(manifest, device, when)
+    partial = results_dir / f".{final.name}.partial"
+    partial.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(partial, final)
+    return final
+
+
 def bench(
     bundle_dir: Path,
     url: str,
@@ -729,6 +752,7 @@ def bench(
     threads: int | None = None,
     context: str | None = None,
     profile: bool = False,
+    runner: str = "python",
     results_dir: Path = Path("results"),
     deploy_first: bool = True,
     insecure_host_key: bool = False,
@@ -747,6 +771,7 @@ def bench(
         runs, warmup, batch, seq, threads: Passed to runner.py (see its --help).
         context: Decoders: comma-separated context lengths to time decode at (runner.py --context).
         profile: Per-op times from the runtime's own profiler after the timed runs (runner.py --profile).
+        runner: "python" (runner.py on the device) or "native" (edgepipe's C++ runner, harness/native.py; local only).
         results_dir: Where the JSON lands, as ``<model>__<target>__<device>__<time>.json``.
         deploy_first: Deploy (a no-op when the device already holds this bundle) before running.
         Others: As for :func:`deploy`.
@@ -763,6 +788,10 @@ def bench(
     python = python or (sys.executable if device.scheme == "local" else "python3")
     results_dir = Path(results_dir)
     when = datetime.datetime.now(datetime.UTC)
+    if runner != "python":
+        return _bench_native(
+            bundle, device, manifest, when, results_dir, runner, runs, warmup, batch, seq, threads, context, profile
+        )
     with _connect(
         device,
         known_hosts=known_hosts,

@@ -1674,6 +1674,7 @@ def bench(bundle: str, args: argparse.Namespace) -> dict:
     record = {
         "schema": SCHEMA,
         "runner_version": RUNNER_VERSION,
+        "runner": "python",
         "created_utc": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "device": {"url": None, "name": None},
         "bundle": {
