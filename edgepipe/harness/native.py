@@ -41,8 +41,12 @@ def binary() -> Path:
     return path
 
 
-def bench_local(bundle_dir: Path, *, runs: int = 50, warmup: int = 10, **options) -> dict:
+def bench_local(
+    bundle_dir: Path, *, runs: int = 50, warmup: int = 10, tolerance: dict | None = None, **options
+) -> dict:
     """Run the native runner on this machine and return the edgepipe.bench/1 record.
+
+    `tolerance` is the check's (edgepipe's table, from remote.check_tolerance); None: the manifest's validation.
 
     Raises:
         UsageError: Not an ExecuTorch encoder bundle, or an option the native runner does not take.
@@ -88,7 +92,10 @@ def bench_local(bundle_dir: Path, *, runs: int = 50, warmup: int = 10, **options
             np.fromfile(os.path.join(tmp, o["file"]), dtype=o["dtype"]).reshape(o["shape"]) for o in native["outputs"]
         ]
     out_names = [o["name"] for o in (manifest.get("io") or {}).get("outputs", [])] or list(check_out)
-    check = runner.compare_outputs(dict(zip(out_names, outputs)), check_out, manifest.get("validation") or {})
+    check = runner.compare_outputs(
+        dict(zip(out_names, outputs)), check_out, tolerance or manifest.get("validation") or {}
+    )
+    check["tolerance_source"] = "edgepipe" if tolerance else "manifest"
     return record(bundle, manifest, files, native, check, check_in, names, runs, warmup, started)
 
 

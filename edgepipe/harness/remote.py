@@ -732,7 +732,8 @@ def _bench_native(bundle, device, manifest, when, results_dir, runner, runs, war
             hint="Use the Python runner there (drop --runner native).",
         )
     names = ("batch", "seq", "threads", "context", "profile")
-    record = native.bench_local(bundle, runs=runs, warmup=warmup, **dict(zip(names, unsupported)))
+    tolerance = check_tolerance(manifest)  # edgepipe's table, as for the Python runner
+    record = native.bench_local(bundle, runs=runs, warmup=warmup, tolerance=tolerance, **dict(zip(names, unsupported)))
     results_dir.mkdir(parents=True, exist_ok=True)
     final = results_dir / result_name(manifest, device, when)
     partial = results_dir / f".{final.name}.partial"
