@@ -562,13 +562,12 @@ def deploy(bundle: Path, url: str, **options) -> None:
     """
     from edgepipe.harness.remote import deploy as _deploy
 
-    if url is None:
-        raise UsageError("deploy needs --device.", hint=f"Pass --device {_DEVICE_HELP}")
     result = _deploy(bundle, url, **options)
     what = f"copied {result.files} files, {result.bytes / 1e6:.1f} MB" if result.copied else "already there, unchanged"
     console.print(f"[green]deployed[/] {bundle} -> {url}:{result.remote_dir} ({what}, {result.seconds:.1f} s)")
     runtime = f"{result.runtime} {result.runtime_version or ''}".strip()
-    console.print(f"runtime on the device: {runtime} ({result.python} {result.python_version})")
+    engine = f"; {result.engine_line}" if result.engine_line else ""  # TensorRT: the engine built or cached there
+    console.print(f"runtime on the device: {runtime} ({result.python} {result.python_version}){engine}")
 
 
 @cli.command()
@@ -581,6 +580,7 @@ def deploy(bundle: Path, url: str, **options) -> None:
 @click.option("--context", help="Decoders: context lengths to time decode at, e.g. 256,1024,4096.")
 @click.option("--threads", type=int, help="Runtime threads on the device.")
 @click.option("--profile", is_flag=True, help="Per-op times from the runtime's own profiler, after the timed runs.")
+@click.option("--runner", type=click.Choice(["python", "native"]), default="python", help="native: the C++ runner.")
 @click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(path_type=Path))
 @click.option("--devices", "devices_file", type=click.Path(path_type=Path), help="devices.toml: bench on each device.")
 @json_option

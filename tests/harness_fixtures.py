@@ -181,3 +181,35 @@ def make_pte_bundle(out: Path, *, batch: int = 2, seq: int = 8, seed: int = 0) -
         out, _manifest("executorch", "model.pte", target, {"atol": 1e-4, "min_cosine": 0.9999}, w["w"].shape[1])
     )
     return out
+
+
+def make_trt_bundle(out: Path, *, seed: int = 0) -> Path:
+    """Write a TensorRT encoder bundle as `edgepipe build` does for a Jetson: model.onnx, build_plan.json and
+    build_engine.py (no engine: engines are built on the device)."""
+    import shutil
+
+    import onnx
+
+    from edgepipe.runtimes.build_engine import PLAN_SCHEMA
+
+    out.mkdir(parents=True, exist_ok=True)
+    w = tiny_weights(seed=seed)
+    onnx.save(tiny_onnx(w), str(out / "model.onnx"))
+    _write_common(out, w, 2, 8, 0)
+    shapes = {"min": [1, 1], "opt": [2, 8], "max": [4, 32]}
+    plan = {
+        "schema": PLAN_SCHEMA,
+        "onnx": "model.onnx",
+        "engine": "model.plan",
+        "precision": "fp32",
+        "flags": {"int8": False, "fp16": False, "tf32": False},
+        "workspace_mb": 256,
+        "profiles": [{"input_ids": shapes, "attention_mask": shapes}],
+    }
+    (out / "build_plan.json").write_text(json.dumps(plan, indent=2) + "\n")
+    shutil.copy(Path(__file__).parents[1] / "edgepipe" / "runtimes" / "build_engine.py", out / "build_engine.py")
+    target = {"name": "jetson-orin-nano", "runtime": "tensorrt", "precision": "fp32", "hardware": {"arch": "aarch64"}}
+    write_manifest(
+        out, _manifest("tensorrt", "model.onnx", target, {"atol": 1e-4, "min_cosine": 0.9999}, w["w"].shape[1])
+    )
+    return out

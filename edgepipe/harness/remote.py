@@ -70,6 +70,8 @@ class DeviceURL:
             UsageError: Anything else.
         """
         accepted = "Accepted: local, ssh://user@host[:port], adb://serial."
+        if not isinstance(url, str):
+            raise UsageError("No device given (--device).", hint=accepted)
         if url == "local":
             return cls("local")
         m = re.fullmatch(r"ssh://(?:([^@/:\s]+)@)?(\[[0-9a-fA-F:]+\]|[^@/:\s\[\]]+)(?::(\d{1,5}))?/?", url)
@@ -118,6 +120,11 @@ class DeployResult:
     bytes: int
     seconds: float
     verify: dict = field(repr=False)
+    engine: dict | None = None  # TensorRT bundles: runner.py --engine's edgepipe.engine/1 state on the device
+
+    @property
+    def engine_line(self) -> str | None:
+        return engine_line(self.engine) if self.engine is not None else None
 
 
 # ----------------------------------------------------------------------------------------------- transports
@@ -553,6 +560,39 @@ def _copy(t: _Transport, device: DeviceURL, bundle: Path, manifest: dict, remote
     return len(pairs), need
 
 
+def _engine_on_device(
+    t: _Transport,
+    device: DeviceURL,
+    interpreter: list[str],
+    runner: str,
+    remote_dir: str,
+    manifest: dict,
+    timeout: float,
+) -> dict | None:
+    """TensorRT bundles: build the engine on the device from the bundle's plan unless its cache has it (runner.py
+    --engine; the cache sits beside the bundle, so a redeploy keeps it). None for other runtimes."""
+    if manifest.get("runtime") != "tensorrt" or "build_plan.json" not in manifest["files"]:
+        return None
+    rc, out, err = t.run([*interpreter, runner, remote_dir, "--engine"], timeout)
+    try:
+        state = json.loads(out)
+    except ValueError:
+        last = (err.strip().splitlines() or ["no output"])[-1].removeprefix("error: ")
+        raise DeviceError(f"runner.py --engine failed on {device.where} (exit {rc}): {last}") from None
+    if state.get("error"):
+        raise DeviceError(f"Building the TensorRT engine on {device.where} failed: {state['error']}")
+    return state
+
+
+def engine_line(engine: dict) -> str:
+    """One line on a TensorRT bundle's engine on the device."""
+    if engine.get("built"):
+        return f"engine: built into {engine['dir']}."
+    if engine.get("cached"):
+        return f"engine: cached in {engine['dir']} (key {engine['key']})."
+    return f"engine: not built ({engine.get('skipped')})."
+
+
 def _deploy(
     t: _Transport, device: DeviceURL, bundle: Path, manifest: dict, remote_dir: str | None, python: str, timeout: float
 ) -> DeployResult:
@@ -583,7 +623,13 @@ def _deploy(
     if report is None:
         last = (err.strip().splitlines() or ["no output"])[-1]
         raise DeviceError(f"runner.py --verify failed on {device.where} (exit {rc}): {last}")
-    _raise_for_report(report, device, python, manifest)
+    engine = _engine_on_device(t, device, interpreter, runner, remote_dir, manifest, timeout)
+    try:
+        _raise_for_report(report, device, python, manifest)
+    except DeviceError as e:
+        if engine is not None:  # say what became of the engine cache too
+            e.hint = f"{e.hint or ''} {engine_line(engine)}".strip()
+        raise
     if not _runner_current(report) or report["manifest_sha256"] != manifest_sha:
         which = "runner.py" if not _runner_current(report) else "manifest.json"
         raise DeviceError(
@@ -603,6 +649,7 @@ def _deploy(
         bytes=nbytes,
         seconds=time.perf_counter() - start,
         verify=report,
+        engine=engine,
     )
 
 
@@ -680,6 +727,28 @@ def result_name(manifest: dict, device: DeviceURL, when: datetime.datetime) -> s
     return "__".join(re.sub(r"[^A-Za-z0-9._@-]+", "-", p) for p in parts) + ".json"
 
 
+def _bench_native(bundle, device, manifest, when, results_dir, runner, runs, warmup, *unsupported) -> Path:
+    """bench --runner native (harness/native.py): this machine only so far."""
+    from edgepipe.harness import native
+
+    if runner != "native":
+        raise UsageError(f"Unknown runner {runner!r}.", hint="Accepted: python, native.")
+    if device.scheme != "local":
+        raise UsageError(
+            f"--runner native runs on --device local only so far, not {device.url}.",
+            hint="Use the Python runner there (drop --runner native).",
+        )
+    names = ("batch", "seq", "threads", "context", "profile")
+    tolerance = check_tolerance(manifest)  # edgepipe's table, as for the Python runner
+    record = native.bench_local(bundle, runs=runs, warmup=warmup, tolerance=tolerance, **dict(zip(names, unsupported)))
+    results_dir.mkdir(parents=True, exist_ok=True)
+    final = results_dir / result_name(manifest, device, when)
+    partial = results_dir / f".{final.name}.partial"
+    partial.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(partial, final)
+    return final
+
+
 def bench(
     bundle_dir: Path,
     url: str,
@@ -691,6 +760,7 @@ def bench(
     threads: int | None = None,
     context: str | None = None,
     profile: bool = False,
+    runner: str = "python",
     results_dir: Path = Path("results"),
     deploy_first: bool = True,
     insecure_host_key: bool = False,
@@ -709,6 +779,7 @@ def bench(
         runs, warmup, batch, seq, threads: Passed to runner.py (see its --help).
         context: Decoders: comma-separated context lengths to time decode at (runner.py --context).
         profile: Per-op times from the runtime's own profiler after the timed runs (runner.py --profile).
+        runner: "python" (runner.py on the device) or "native" (edgepipe's C++ runner, harness/native.py; local only).
         results_dir: Where the JSON lands, as ``<model>__<target>__<device>__<time>.json``.
         deploy_first: Deploy (a no-op when the device already holds this bundle) before running.
         Others: As for :func:`deploy`.
@@ -725,6 +796,10 @@ def bench(
     python = python or (sys.executable if device.scheme == "local" else "python3")
     results_dir = Path(results_dir)
     when = datetime.datetime.now(datetime.UTC)
+    if runner != "python":
+        return _bench_native(
+            bundle, device, manifest, when, results_dir, runner, runs, warmup, batch, seq, threads, context, profile
+        )
     with _connect(
         device,
         known_hosts=known_hosts,

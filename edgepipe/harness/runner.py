@@ -53,7 +53,7 @@ PIP_NAMES = {"cuda": "cuda-python"}  # where the pip name differs from the modul
 PACKAGES = ["numpy", "onnxruntime", "executorch", "torch", "tensorrt", "cuda-python", "pycuda"]
 PROFILE_ITERATIONS = 50  # trtexec --iterations for TensorRT's --profile
 # Modules that travel with runner.py and sit beside it on the device (runner.sibling imports them).
-SHIPPED = ["profiles.py"]
+SHIPPED = ["profiles.py", "engines.py"]
 
 # What a bundle may hold (docs/architecture.md, "The bundle"). Names are plain relative paths of safe segments; nothing
 # that Python could import or load as code, except edgepipe's own build_engine.py (checked by sha256: the file in
@@ -664,6 +664,9 @@ def graph_path(bundle: str, manifest: dict, graph: str = "model") -> str:
     if problem:
         raise RunnerError("manifest.json names graph {!r}: {}".format(rel, problem), EXIT_BAD_FILES)
     if tensorrt and not os.path.isfile(os.path.join(bundle, rel)):
+        cached = cached_engine(bundle, manifest, rel)  # built on this device earlier, kept beside the bundle
+        if cached:
+            return cached
         how = (
             "trtexec --onnx={} --saveEngine={}".format(graphs.get("model", "model.onnx"), rel)
             if graph == "model"
@@ -1138,6 +1141,62 @@ def _rss_mb(field: str) -> float | None:
     return None
 
 
+# ----------------------------------------------------------------------------------------------- TensorRT engines
+
+
+def device_id() -> str:
+    """What a TensorRT engine is tied to besides its TensorRT version: the board and its L4T release on a Jetson,
+    else the GPUs and their driver (nvidia-smi), else the CPU (no GPU: nothing to build for)."""
+    jetson = _read("/proc/device-tree/model")
+    if jetson:
+        l4t = (_read("/etc/nv_tegra_release") or "").splitlines()
+        return "{} | {}".format(jetson, l4t[0] if l4t else "L4T unknown")
+    gpus = _gpus()
+    if gpus:
+        return "; ".join("{} (driver {})".format(g["name"], g["driver"]) for g in gpus)
+    return "cpu: {}".format(_cpu()["model"])
+
+
+def engine_state(bundle: str, manifest: dict, build: bool) -> dict:
+    """Where the bundle's TensorRT engines are on this device (engines.status), building them first when asked.
+
+    Adds `built` (built now), `skipped` (why not built: TensorRT or a GPU missing, or build=False) and `error` (the
+    build failed). Nothing is built when the cache already holds the engines for this key.
+    """
+    engines = sibling("engines")
+    plan = os.path.join(bundle, "build_plan.json")
+    if not os.path.isfile(plan):
+        raise RunnerError(f"{bundle} has no build_plan.json; is it an edgepipe TensorRT bundle?", EXIT_BAD_FILES)
+    state = engines.status(bundle, manifest, sha256_file(plan), _package_version("tensorrt"), device_id())
+    state.update(built=False, skipped=None, error=None)
+    if state["cached"]:
+        return state
+    if not build:
+        state["skipped"] = "not asked to build"
+        return state
+    problem = runtime_status("tensorrt")
+    if not problem["importable"]:
+        state["skipped"] = "TensorRT cannot run on this device: missing {} ({})".format(
+            ", ".join(problem["missing"]), problem["error"]
+        )
+        return state
+    try:
+        state["record"] = engines.build(bundle, state)
+    except Exception as e:  # build_engine.BuildFailure, or TensorRT's own errors: one line
+        state["error"] = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        return state
+    state.update(built=True, cached=True)
+    return state
+
+
+def cached_engine(bundle: str, manifest: dict, rel: str) -> str | None:
+    """The cached engine for the bundle's engine file `rel` on this device, or None."""
+    if not os.path.isfile(os.path.join(bundle, "build_plan.json")):
+        return None
+    state = engine_state(bundle, manifest, build=False)
+    return state["engines"].get(rel) if state["cached"] else None
+
+
 # ----------------------------------------------------------------------------------------------- profile, memory
 
 
@@ -1601,6 +1660,11 @@ def bench(bundle: str, args: argparse.Namespace) -> dict:
             EXIT_MISSING_RUNTIME,
         )
     kind = bench_kind(manifest)
+    engine = None
+    if runtime == "tensorrt" and os.path.isfile(os.path.join(bundle, "build_plan.json")):
+        engine = engine_state(bundle, manifest, build=True)  # once per device + TensorRT version, then cached
+        if engine["error"]:
+            raise RunnerError("building the TensorRT engine failed: " + engine["error"])
     # The host passes the tolerance from edgepipe's own table (precisions.py); the manifest's is the bundle's word.
     tolerance = getattr(args, "tolerance", None)
     result = BENCHES[kind](bundle, dict(manifest, validation=tolerance) if tolerance else manifest, args)
@@ -1610,6 +1674,7 @@ def bench(bundle: str, args: argparse.Namespace) -> dict:
     record = {
         "schema": SCHEMA,
         "runner_version": RUNNER_VERSION,
+        "runner": "python",
         "created_utc": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "device": {"url": None, "name": None},
         "bundle": {
@@ -1637,6 +1702,7 @@ def bench(bundle: str, args: argparse.Namespace) -> dict:
             "sample_ms": args.sample_ms,
         },
         "verify": {"files_checked": files["checked"], "ok": True},
+        "engine": engine and {k: engine[k] for k in ("key", "dir", "built", "tensorrt", "device")},
     }
     session_info = result.pop("session_info")
     record.update(result)
@@ -1688,6 +1754,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="runner.py", description="Verify, check and time an edgepipe bundle here.")
     p.add_argument("bundle", help="bundle directory (manifest.json, model file, check.npz)")
     p.add_argument("--verify", action="store_true", help="only check files and runtime; print JSON and exit")
+    p.add_argument(
+        "--engine",
+        action="store_true",
+        help="TensorRT bundles: build the engine into <bundle>.engines unless cached; print JSON (edgepipe.engine/1)",
+    )
     p.add_argument("--runs", type=_positive, default=50, help="timed runs (default 50)")
     p.add_argument("--warmup", type=int, default=10, help="untimed warm-up runs (default 10)")
     p.add_argument("--batch", type=_positive, default=None, help="batch size of the timed inputs")
@@ -1714,6 +1785,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def engine_command(bundle: str, out: str) -> int:
+    """--engine: verify the files, then build or find the engine; 0 cached or built, 5 skipped, 1 build failed."""
+    manifest = load_manifest(bundle)
+    problems = verify_files(bundle, manifest)["problems"]
+    if problems:
+        raise RunnerError(
+            "bundle {} is corrupt: {}".format(
+                bundle, "; ".join(p["path"] + " (" + p["problem"] + ")" for p in problems)
+            ),
+            EXIT_BAD_FILES,
+        )
+    state = engine_state(bundle, manifest, build=True)
+    _write_json(state, out)
+    if state["error"]:
+        sys.stderr.write("error: building the TensorRT engine failed: {}\n".format(state["error"]))
+        return EXIT_FAILURE
+    return EXIT_OK if state["cached"] else EXIT_MISSING_RUNTIME
+
+
 def main(argv: list | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -1723,6 +1813,8 @@ def main(argv: list | None = None) -> int:
             if report["files"]["problems"]:
                 return EXIT_BAD_FILES
             return EXIT_OK if report["runtime"]["importable"] else EXIT_MISSING_RUNTIME
+        if args.engine:
+            return engine_command(args.bundle, args.json)
         record = bench(args.bundle, args)
         _write_json(record, args.json)
         lat, check = record["latency_ms"], record["check"]

@@ -56,7 +56,7 @@ def devices_toml(path: Path, servers: list[SshServer], device_root: Path) -> Pat
             f"[devices.{name}]",
             f'url = "{server.url}"',
             f'python = "{sys.executable}"',  # the loopback "device" is this machine
-            f'remote_dir = "{device_root / name}"',
+            f'remote_dir = "{device_root / name / "tiny-encoder"}"',  # two machines: two disks, as here two dirs
             f'known_hosts = "{server.known_hosts}"',
             f'identity = "{server.identity}"',
             "threads = 1",

@@ -71,7 +71,7 @@ def test_deploy_bench_compare_round_trip_over_ssh(sshd: SshServer, bundle: Path,
     ]
     # the runner runs from its own directory beside the deployment, which holds nothing else
     assert first.runner == f"{Path(device_dir).parent}/.edgepipe-runner/{remote.RUNNER_ID}/runner.py"
-    assert sorted(p.name for p in Path(first.runner).parent.iterdir()) == ["profiles.py", "runner.py"]
+    assert sorted(p.name for p in Path(first.runner).parent.iterdir()) == ["engines.py", "profiles.py", "runner.py"]
     assert sorted(p.name for p in Path(device_dir).parent.iterdir()) == [".edgepipe-runner", "tiny-encoder"]
     again = remote.deploy(bundle, sshd.url, remote_dir=device_dir, **ssh_options(sshd))
     assert not again.copied  # same manifest and runner already there
