@@ -170,7 +170,7 @@ def _build_fields(bundle) -> dict:
     keys = ("model", "kind", "runtime", "precision", "requested_precision", "fidelity", "latency", "route")
     return {
         "bundle": str(bundle.path.resolve()),
-        "manifest": str((bundle.path / "manifest.json").resolve()),
+        "manifest_path": str((bundle.path / "manifest.json").resolve()),
         **{k: m.get(k) for k in keys},
         "target": m["target"]["name"],
         "bytes": sum(f["bytes"] for f in m["files"].values()),
