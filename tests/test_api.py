@@ -67,7 +67,9 @@ def test_build_returns_the_bundle_and_load_encodes_like_pytorch(tmp_path, tiny_c
         model.generate("The kernel")
 
 
+@pytest.mark.slow  # ~70 s of CPU (the exporter's import and an XNNPACK lowering); .ci/run runs it
 def test_executorch_bundle_encodes_in_the_executorch_runtime(tmp_path, tiny_checkpoint, sentences):
+    """The default run covers ExecuTorch sessions (tests/runtimes/test_executorch.py) and encode (onnxruntime above)."""
     pytest.importorskip("executorch.exir")
     bundle = edgepipe.build(model=tiny_checkpoint, target="android-arm64", precision="fp32", out=tmp_path, **FAST)
     model = edgepipe.load(bundle.path)
