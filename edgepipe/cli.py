@@ -8,6 +8,7 @@ adds stage details.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -28,12 +29,14 @@ _JSON, _PARTIAL = "edgepipe.json", "edgepipe.partial"  # ctx.meta keys: --json g
 
 def _document(command: str, ok: bool = True, **fields) -> None:
     """Print one --json document on stdout (plain text: no rich markup or wrapping)."""
-    click.echo(json.dumps({"schema": JSON_SCHEMA, "command": command, "ok": ok, **fields}, indent=2, default=str))
+    doc = json.dumps({"schema": JSON_SCHEMA, "command": command, "ok": ok, **fields}, indent=2, default=str)
+    click.echo(doc, file=click.get_current_context().meta.get(_JSON))
 
 
 def _as_json(ctx: click.Context, param, value: bool) -> bool:
     if value:
-        ctx.meta[_JSON] = True  # meta is shared down the context chain: the group's error handler sees it
+        ctx.meta[_JSON] = sys.stdout  # the document's stream; meta is shared with the group's error handler
+        ctx.with_resource(contextlib.redirect_stdout(sys.stderr))  # whatever else prints goes to stderr
     return value
 
 
@@ -170,7 +173,7 @@ def _build_fields(bundle) -> dict:
     keys = ("model", "kind", "runtime", "precision", "requested_precision", "fidelity", "latency", "route")
     return {
         "bundle": str(bundle.path.resolve()),
-        "manifest": str((bundle.path / "manifest.json").resolve()),
+        "manifest_path": str((bundle.path / "manifest.json").resolve()),
         **{k: m.get(k) for k in keys},
         "target": m["target"]["name"],
         "bytes": sum(f["bytes"] for f in m["files"].values()),
@@ -520,9 +523,10 @@ def generate(bundle: Path, prompt: str, max_new_tokens: int, threads: int | None
     )
     console.print()
     rate = f", decode {out.tokens_per_s:.1f} tokens/s" if out.tokens_per_s else ""
-    err_console.print(
-        f"{out.prompt_tokens} prompt tokens, {len(out.tokens)} new; time to first token {out.ttft_ms:.1f} ms{rate}"
-    )
+    if not _quiet():
+        err_console.print(
+            f"{out.prompt_tokens} prompt tokens, {len(out.tokens)} new; time to first token {out.ttft_ms:.1f} ms{rate}"
+        )
 
 
 _DEVICE_HELP = "local, ssh://user@host[:port] or adb://serial."

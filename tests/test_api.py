@@ -60,14 +60,23 @@ def test_build_returns_the_bundle_and_load_encodes_like_pytorch(tmp_path, tiny_c
     one = model.encode(texts[3])
     assert one.shape == (64,) and np.allclose(one, out[3], atol=1e-5)
     assert model.encode([]).shape == (0, 64)
-    assert np.array_equal(bundle.load().encode(texts[:2]), model.encode(texts[:2]))
     with pytest.raises(UsageError, match="encode takes strings; got int"):
         model.encode(["a sentence", 3])
     with pytest.raises(UsageError, match="generate runs edgepipe's decoder bundles"):
         model.generate("The kernel")
 
 
+def test_openvino_bundle_encodes_in_openvino(tmp_path, tiny_checkpoint, sentences):
+    pytest.importorskip("openvino")
+    bundle = edgepipe.build(model=tiny_checkpoint, target="intel-cpu", precision="fp32", out=tmp_path, **FAST)
+    assert bundle.manifest["runtime"] == "openvino"
+    out, ref = edgepipe.load(bundle.path).encode(sentences[:12]), _reference(tiny_checkpoint, sentences[:12], 64)
+    assert cosines(out, ref).min() > 0.9999 and np.abs(out - ref).max() < 1e-4
+
+
+@pytest.mark.slow  # ~70 s of CPU (the exporter's import and an XNNPACK lowering); .ci/run runs it
 def test_executorch_bundle_encodes_in_the_executorch_runtime(tmp_path, tiny_checkpoint, sentences):
+    """The default run covers ExecuTorch sessions (tests/runtimes/test_executorch.py) and encode (onnxruntime above)."""
     pytest.importorskip("executorch.exir")
     bundle = edgepipe.build(model=tiny_checkpoint, target="android-arm64", precision="fp32", out=tmp_path, **FAST)
     model = edgepipe.load(bundle.path)

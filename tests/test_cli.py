@@ -121,7 +121,7 @@ def built(tmp_path_factory, tiny_checkpoint):
 def test_build_json_reports_bundle_fidelity_and_stages(built, tiny_checkpoint):
     doc, _, root = built
     assert doc["bundle"] == str((root / "out" / tiny_checkpoint.name / "host-cpu").resolve())
-    manifest = json.loads(open(doc["manifest"]).read())
+    manifest = json.loads(open(doc["manifest_path"]).read())
     assert doc["fidelity"] == manifest["fidelity"] and doc["fidelity"]["lowered"]["mean_cosine"] > 0.9999
     assert (doc["target"], doc["runtime"], doc["precision"]) == ("host-cpu", "onnxruntime", "fp32")
     assert [s["stage"] for s in doc["stages"]] == ["reference", "lower", "validate", "latency"]

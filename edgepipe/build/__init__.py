@@ -76,7 +76,7 @@ def build_bundle(
             or ``**{"quantize.fidelity_budget": 0.02}``.
 
     Returns:
-        The bundle: ``path``, ``manifest``, ``fidelity``; ``.load()`` opens it in its runtime.
+        The bundle: ``path``, ``manifest``, ``fidelity``; ``edgepipe.load(bundle.path)`` opens it in its runtime.
 
     Raises:
         EdgepipeError: What the CLI reports in one line (bad input, export, validation, a missed bar with strict).

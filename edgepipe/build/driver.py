@@ -43,12 +43,6 @@ class Bundle:
         """The manifest's fidelity record: each stage vs the teacher on held-back text, the bar and whether it held."""
         return self.manifest.get("fidelity", {})
 
-    def load(self):
-        """The bundle opened in its runtime here (``edgepipe.load``): ``encode`` / ``generate``."""
-        from edgepipe.bundle import load
-
-        return load(self.path)
-
 
 @dataclass(frozen=True)
 class Attempt:
