@@ -3,6 +3,8 @@ real text, at every plan this CPU can run; the bundle runs in the device runner;
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -165,11 +167,12 @@ def test_runner_runs_an_openvino_bundle_with_only_numpy_and_openvino(ov_bundle, 
 
     alone = tmp_path / "device" / "runner.py"
     alone.parent.mkdir()
-    shutil.copy(runner.__file__, alone)
+    for shipped in ("runner.py", *runner.SHIPPED):  # what deploy copies to a device
+        shutil.copy(Path(runner.__file__).with_name(shipped), alone.with_name(shipped))
     out = tmp_path / "r.json"
     argv = [sys.executable, "-I", "-c", BLOCKED_RUN, str(alone), str(ov_bundle)]
     done = subprocess.run(
-        [*argv, "--runs", "10", "--warmup", "2", "--threads", "1", "--seq", "24", "--json", str(out)],
+        [*argv, "--runs", "10", "--warmup", "2", "--threads", "1", "--seq", "24", "--profile", "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -182,6 +185,9 @@ def test_runner_runs_an_openvino_bundle_with_only_numpy_and_openvino(ov_bundle, 
     )
     assert record["env"]["runtime"]["inference_precision"] == "f32" and record["env"]["runtime"]["threads"] == 1
     assert record["inputs"]["input_ids"]["shape"][1] == 24 and 0 < record["latency_ms"]["p50"]
+    profile = record["profile"]  # OpenVINO's per-node performance counters: where the time goes
+    assert profile["source"] == "openvino performance counters" and profile["top_ops"]
+    assert any(t["type"] in ("FullyConnected", "MatMul") for t in profile["types"])
     verify = subprocess.run([*argv, "--verify"], capture_output=True, text=True, timeout=300)
     assert verify.returncode == 0 and json.loads(verify.stdout)["runtime"]["importable"]
 
