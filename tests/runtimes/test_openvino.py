@@ -315,3 +315,34 @@ def test_targets_lists_host_cpus_candidates(tmp_path):
     text = " ".join(listed.stdout.split())
     assert "host-cpu without --precision ships the fastest inside the budget of" in text and "openvino:w8a8" in text
     assert ("openvino:bf16 (no native bf16 on this CPU)" in text) == (not cpu_has_bf16())
+
+
+# -- the real teacher ----------------------------------------------------------------------------------------------
+def test_the_real_teacher_in_openvino_matches_pytorch_on_held_back_text(tmp_path, teacher_dir, tok):
+    from edgepipe.models.hf import load_encoder
+
+    teacher = load_encoder(teacher_dir)
+    held = list(batches(tok, read_sentences("validation.txt", 64), 32))
+    lowered = _lower(tmp_path, teacher, held[0], "fp32")
+    assert lowered.report["ops"].get("ScaledDotProductAttention") == 6  # one per layer: OpenVINO fused each
+    out = embed_session(ov_rt.load(lowered.files["model"]), held)
+    result = compare(out, embed_torch(teacher, held))
+    assert result["max_abs"] < 1e-4 and result["min_cosine"] > 0.99999
+
+
+@pytest.mark.slow  # NNCF calibrates the 22M-parameter teacher on 256 sentences (minutes on 2 shared cores)
+def test_the_real_teacher_at_w8a8_keeps_the_int8_tolerance(tmp_path, teacher_dir, tok):
+    from edgepipe.models.hf import load_encoder
+
+    teacher = load_encoder(teacher_dir)
+    held = list(batches(tok, read_sentences("validation.txt", 128), 32))
+    quant = QuantInputs(
+        calibration=list(batches(tok, read_sentences("calibration.txt", 256), 32)),
+        held_out=held,
+        reference=embed_torch(teacher, held),
+        config=QuantizeConfig(),
+    )
+    lowered = _lower(tmp_path, teacher, held[0], "w8a8", quant)
+    assert lowered.report["int8_coverage"]["total"] == 1.0 and len(lowered.report["plan"]) == 36
+    result = compare(embed_session(ov_rt.load(lowered.files["model"]), held), quant.reference)
+    assert result["mean_cosine"] > 0.99 and result["min_cosine"] > 0.97
