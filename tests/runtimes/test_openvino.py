@@ -156,6 +156,15 @@ def test_intel_cpu_bundle_holds_the_int8_ir_and_passes_its_check(ov_bundle):
     assert report.passed and report.result["min_cosine"] > 0.99
 
 
+def test_the_python_api_encodes_text_with_an_openvino_bundle(ov_bundle, sentences):
+    import edgepipe
+
+    loaded = edgepipe.load(ov_bundle)
+    out = loaded.encode(sentences[:5])
+    assert out.shape == (5, 64) and "openvino" in repr(loaded)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-4)
+
+
 def test_runner_runs_an_openvino_bundle_with_only_numpy_and_openvino(ov_bundle, tmp_path):
     import json
     import shutil
