@@ -17,6 +17,7 @@ the PyTorch teacher on held-back text (validation.txt), and its share of this CP
 model FLOPs / time / peak. The peak is assumed from /proc/cpuinfo flags and the clock (printed at the start; --ghz
 overrides the clock, which /proc/cpuinfo reports as the current, not the turbo, frequency):
 
+    (AMD Zen 4, cpu family 25, double-pumps AVX-512: half of each AVX-512 figure)
     fp32: AVX-512 2 FMA pipes x 16 lanes x 2 = 64 FLOP/cycle/core, AVX2+FMA 2 x 8 x 2 = 32
     bf16: AMX-BF16 1024 FLOP/cycle/core; AVX512-BF16 (vdpbf16ps) 2 x 32 x 2 = 128; else the fp32 peak
     int8: AMX-INT8 2048 op/cycle/core; AVX512-VNNI 2 x 64 x 2 = 256; AVX-VNNI 128; AVX2 without VNNI
@@ -91,19 +92,31 @@ def clock_ghz() -> tuple[float, str]:
     return 0.0, "unknown"
 
 
+def double_pumped() -> bool:
+    """AMD Zen 4 (family 25 with AVX-512) runs 512-bit instructions as two 256-bit halves: half the AVX-512 rate."""
+    info = Path("/proc/cpuinfo").read_text()
+    field = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in info.splitlines()[:30])}
+    return field.get("vendor_id") == "AuthenticAMD" and field.get("cpu family") == "25"
+
+
 def peak_per_cycle(flags: set[str]) -> dict[str, tuple[int, str]]:
     """FLOP (int8: op) per cycle per core for fp32, bf16 and int8 matrix arithmetic, and the unit assumed."""
-    fp32 = (64, "AVX-512 FMA, 2 pipes x 16 fp32 x 2") if "avx512f" in flags else (32, "AVX2 FMA, 2 pipes x 8 fp32 x 2")
+    half = 2 if double_pumped() else 1
+    note = " (double-pumped: half rate)" if half == 2 else ""
+    if "avx512f" in flags:
+        fp32 = (64 // half, "AVX-512 FMA, 2 pipes x 16 fp32 x 2" + note)
+    else:
+        fp32 = (32, "AVX2 FMA, 2 pipes x 8 fp32 x 2")
     if "amx_bf16" in flags:
         bf16 = (1024, "AMX-BF16 tiles")
     elif "avx512_bf16" in flags:
-        bf16 = (128, "AVX512-BF16 vdpbf16ps, 2 pipes x 32 bf16 x 2")
+        bf16 = (128 // half, "AVX512-BF16 vdpbf16ps, 2 pipes x 32 bf16 x 2" + note)
     else:
         bf16 = (fp32[0], "no native bf16: the fp32 peak")
     if "amx_int8" in flags:
         int8 = (2048, "AMX-INT8 tiles")
     elif "avx512_vnni" in flags:
-        int8 = (256, "AVX512-VNNI vpdpbusd, 2 pipes x 64 int8 x 2")
+        int8 = (256 // half, "AVX512-VNNI vpdpbusd, 2 pipes x 64 int8 x 2" + note)
     elif "avx_vnni" in flags:
         int8 = (128, "AVX-VNNI vpdpbusd, 2 pipes x 32 int8 x 2")
     else:

@@ -596,9 +596,10 @@ class _CudaBinding:
 class OpenVinoSession:
     """An OpenVINO IR (model.xml + model.bin) compiled for the target's [openvino] device, in the inference
     precision the IR records (rt_info runtime_options/INFERENCE_PRECISION_HINT), threads from --threads or the
-    target's num_threads. info says what the plugin really computes in (bf16 asked on a CPU without it reads f32)."""
+    target's num_threads. info says what the plugin really computes in (bf16 asked on a CPU without it reads f32).
+    --profile compiles with PERF_COUNT and keeps each run's per-node performance counters."""
 
-    def __init__(self, path: str, manifest: dict, threads: int | None) -> None:
+    def __init__(self, path: str, manifest: dict, threads: int | None, profile: str | None = None) -> None:
         import openvino as ov
 
         options = (manifest.get("target") or {}).get("runtime_options") or {}
@@ -609,6 +610,9 @@ class OpenVinoSession:
         config = {"PERFORMANCE_HINT": options.get("performance_hint") or "LATENCY", "INFERENCE_PRECISION_HINT": hint}
         if threads or options.get("num_threads"):
             config["INFERENCE_NUM_THREADS"] = int(threads or options["num_threads"])
+        if profile:
+            config["PERF_COUNT"] = True
+        self.profiled = [] if profile else None  # one list of counters per run
         device = options.get("device") or "CPU"
         self.compiled = core.compile_model(model, device, config)
         self.request = self.compiled.create_infer_request()
@@ -627,13 +631,18 @@ class OpenVinoSession:
         import numpy as np
 
         ready = {n: np.ascontiguousarray(feeds[n]) for n in self.input_names}
-        infer, outputs = self.request.infer, list(self.compiled.outputs)
+        request, outputs, profiled = self.request, list(self.compiled.outputs), self.profiled
 
         def run() -> list:
-            result = infer(ready)  # views of the request's output tensors: to_numpy copies them
+            result = request.infer(ready)  # views of the request's output tensors: to_numpy copies them
+            if profiled is not None:
+                profiled.append(request.profiling_info)
             return [result[o] for o in outputs]
 
         return run
+
+    def profile_summary(self, skip_runs: int) -> dict:
+        return sibling("profiles").openvino_summary(self.profiled[skip_runs:])
 
     def to_numpy(self, outputs: list) -> list:
         import numpy as np

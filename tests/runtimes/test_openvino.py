@@ -3,6 +3,8 @@ real text, at every plan this CPU can run; the bundle runs in the device runner;
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -154,6 +156,15 @@ def test_intel_cpu_bundle_holds_the_int8_ir_and_passes_its_check(ov_bundle):
     assert report.passed and report.result["min_cosine"] > 0.99
 
 
+def test_the_python_api_encodes_text_with_an_openvino_bundle(ov_bundle, sentences):
+    import edgepipe
+
+    loaded = edgepipe.load(ov_bundle)
+    out = loaded.encode(sentences[:5])
+    assert out.shape == (5, 64) and "openvino" in repr(loaded)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-4)
+
+
 def test_runner_runs_an_openvino_bundle_with_only_numpy_and_openvino(ov_bundle, tmp_path):
     import json
     import shutil
@@ -165,11 +176,12 @@ def test_runner_runs_an_openvino_bundle_with_only_numpy_and_openvino(ov_bundle, 
 
     alone = tmp_path / "device" / "runner.py"
     alone.parent.mkdir()
-    shutil.copy(runner.__file__, alone)
+    for shipped in ("runner.py", *runner.SHIPPED):  # what deploy copies to a device
+        shutil.copy(Path(runner.__file__).with_name(shipped), alone.with_name(shipped))
     out = tmp_path / "r.json"
     argv = [sys.executable, "-I", "-c", BLOCKED_RUN, str(alone), str(ov_bundle)]
     done = subprocess.run(
-        [*argv, "--runs", "10", "--warmup", "2", "--threads", "1", "--seq", "24", "--json", str(out)],
+        [*argv, "--runs", "10", "--warmup", "2", "--threads", "1", "--seq", "24", "--profile", "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -182,6 +194,9 @@ def test_runner_runs_an_openvino_bundle_with_only_numpy_and_openvino(ov_bundle, 
     )
     assert record["env"]["runtime"]["inference_precision"] == "f32" and record["env"]["runtime"]["threads"] == 1
     assert record["inputs"]["input_ids"]["shape"][1] == 24 and 0 < record["latency_ms"]["p50"]
+    profile = record["profile"]  # OpenVINO's per-node performance counters: where the time goes
+    assert profile["source"] == "openvino performance counters" and profile["top_ops"]
+    assert any(t["type"] in ("FullyConnected", "MatMul") for t in profile["types"])
     verify = subprocess.run([*argv, "--verify"], capture_output=True, text=True, timeout=300)
     assert verify.returncode == 0 and json.loads(verify.stdout)["runtime"]["importable"]
 
@@ -309,3 +324,34 @@ def test_targets_lists_host_cpus_candidates(tmp_path):
     text = " ".join(listed.stdout.split())
     assert "host-cpu without --precision ships the fastest inside the budget of" in text and "openvino:w8a8" in text
     assert ("openvino:bf16 (no native bf16 on this CPU)" in text) == (not cpu_has_bf16())
+
+
+# -- the real teacher ----------------------------------------------------------------------------------------------
+def test_the_real_teacher_in_openvino_matches_pytorch_on_held_back_text(tmp_path, teacher_dir, tok):
+    from edgepipe.models.hf import load_encoder
+
+    teacher = load_encoder(teacher_dir)
+    held = list(batches(tok, read_sentences("validation.txt", 64), 32))
+    lowered = _lower(tmp_path, teacher, held[0], "fp32")
+    assert lowered.report["ops"].get("ScaledDotProductAttention") == 6  # one per layer: OpenVINO fused each
+    out = embed_session(ov_rt.load(lowered.files["model"]), held)
+    result = compare(out, embed_torch(teacher, held))
+    assert result["max_abs"] < 1e-4 and result["min_cosine"] > 0.99999
+
+
+@pytest.mark.slow  # NNCF calibrates the 22M-parameter teacher on 256 sentences (minutes on 2 shared cores)
+def test_the_real_teacher_at_w8a8_keeps_the_int8_tolerance(tmp_path, teacher_dir, tok):
+    from edgepipe.models.hf import load_encoder
+
+    teacher = load_encoder(teacher_dir)
+    held = list(batches(tok, read_sentences("validation.txt", 128), 32))
+    quant = QuantInputs(
+        calibration=list(batches(tok, read_sentences("calibration.txt", 256), 32)),
+        held_out=held,
+        reference=embed_torch(teacher, held),
+        config=QuantizeConfig(),
+    )
+    lowered = _lower(tmp_path, teacher, held[0], "w8a8", quant)
+    assert lowered.report["int8_coverage"]["total"] == 1.0 and len(lowered.report["plan"]) == 36
+    result = compare(embed_session(ov_rt.load(lowered.files["model"]), held), quant.reference)
+    assert result["mean_cosine"] > 0.99 and result["min_cosine"] > 0.97
