@@ -179,6 +179,45 @@ def _build_fields(bundle) -> dict:
     }
 
 
+@cli.command()
+@click.option("--model", "model", default=None, help="An encoder recipe with a [student] table: name or TOML path.")
+@click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value, e.g. distill.steps=20000."
+)
+@click.option("--force", is_flag=True, help="Train again even where the cache holds this student.")
+def distill(model: str | None, overrides, force: bool) -> None:
+    """Distill MODEL's student into the stage cache entry that `edgepipe build --model MODEL` then reuses.
+
+    Runs unchanged as one process, under torchrun and under accelerate launch: one process per GPU (NCCL), or per
+    CPU share (gloo) where there is no GPU. An interrupted run, or one whose rank died, resumes from its last
+    checkpoint when started again.
+
+    
+    Examples:
+      edgepipe distill --model minilm-student --set distill.steps=20000
+      torchrun --nproc_per_node=8 -m edgepipe.cli distill --model minilm-student
+      accelerate launch --num_processes 8 -m edgepipe.cli distill --model minilm-student
+    """
+    from edgepipe.build import distill as run_distill
+    from edgepipe.config import resolve_run_config
+    from edgepipe.progress import Progress
+    from edgepipe.stages.parallel import launched_rank
+
+    cfg = resolve_run_config(model, "host-cpu", None, Path("artifacts"), tuple(overrides))
+    result = run_distill(cfg, force=force, progress=Progress(err_console, quiet=launched_rank() != 0))
+    if result is None:  # a rank other than 0: rank 0 reports
+        return
+    m = result.meta
+    table = Table(show_header=False, box=None)
+    table.add_row("student", str(result.dir))
+    table.add_row("cache", "hit (already distilled)" if result.cache_hit else f"ran in {result.seconds:.1f} s")
+    table.add_row("held-back vs teacher", f"{_fmt_cos(m.get('held_out'))} (mean / min cosine)")
+    where = f"{m.get('world_size', 1)} process(es) on {m.get('device', 'cpu')}, {m.get('precision')}"
+    table.add_row("trained", f"{m.get('steps')} steps, {where}, {m.get('sentences_per_s')} sentences/s")
+    table.add_row("next", f"edgepipe build --model {model or cfg.recipe.name} (reuses this student)")
+    console.print(table)
+
+
 def _fmt_cos(rec: dict | None) -> str:
     if not rec:
         return "-"

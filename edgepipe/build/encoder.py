@@ -21,6 +21,7 @@ from edgepipe.manifest import sha256_file
 from edgepipe.progress import Progress
 from edgepipe.runtimes import QuantInputs, get_runtime
 from edgepipe.stages.distill import distill, load_student, training_precision
+from edgepipe.stages.parallel import SINGLE, Ranks
 from edgepipe.stages.validate import compare, embed_session, embed_torch
 
 CHECK_SENTENCES = 8
@@ -185,7 +186,12 @@ class EncoderBuild:
             "targets": targets_key,
         }
 
-    def student_stage(self, teacher_emb: np.ndarray) -> StageResult:
+    def student_stage(self, teacher_emb: np.ndarray | None, ranks: Ranks = SINGLE) -> StageResult | None:
+        """The distill stage through the cache; under a launcher, every rank trains and rank 0 owns the entry.
+
+        Rank 0 decides whether the entry is there and tells the others, so all take the same branch; the other
+        ranks train beside it, writing nothing, and get None.
+        """
         recipe, d = self.recipe, self.recipe.distill
         payload = self.student_payload()
         targets_key = payload["targets"]
@@ -197,12 +203,20 @@ class EncoderBuild:
                 d,
                 out,
                 self.build.progress,
-                held_out=self.validation_batches(),
+                held_out=self.validation_batches() if ranks.main else None,
                 held_out_teacher=teacher_emb,
                 tokenizer_path=self.tokenizer_path,
                 targets_cache=self.build.cache.root / "teacher-targets" / f"{targets_key}.npz",
+                ranks=ranks,
             )
 
+        cache = self.build.cache
+        if ranks.world > 1 and not ranks.main:
+            if not ranks.from_main(None):
+                run(cache.work_dir("distill", payload))  # rank 0's directory: this rank only reads its name
+            return None
+        if ranks.world > 1:
+            ranks.from_main(not cache.force and cache.lookup("distill", payload) is not None)
         config = {"student": recipe.student.__dict__, **d.__dict__}
         return self.build.stage("distill", payload, run, "distill student", config=config, resumable=True)
 
