@@ -25,9 +25,17 @@ __all__ = ["Bundle", "build", "build_bundle", "distill"]
 
 
 def build(
-    cfg: RunConfig, *, force: bool = False, cache_root: Path | None = None, progress: Progress | None = None
+    cfg: RunConfig,
+    *,
+    force: bool = False,
+    cache_root: Path | None = None,
+    progress: Progress | None = None,
+    student: Path | None = None,
 ) -> Bundle:
     """Build the bundle for ``cfg``: every stage cached, the bundle written atomically.
+
+    ``student``: a student `edgepipe distill` wrote (its directory, maybe copied from another machine), used instead
+    of the distill stage once its recipe hash matches ``cfg``'s recipe.
 
     Raises:
         EdgepipeError: Any user-facing failure (bad input, export, validation, fidelity budget).
@@ -49,13 +57,23 @@ def build(
     progress = progress or Progress(quiet=True)
     waiting = lambda stage: progress.note(f"{stage}: waiting for another build computing the same stage")  # noqa: E731
     cache = StageCache(cache_root, force=force, waiting=waiting)
+    if student is not None and cfg.recipe.kind == "decoder":
+        raise UsageError(
+            f"--student takes an encoder student from `edgepipe distill`; {cfg.recipe.name} is a decoder recipe.",
+            hint="Drop --student: decoder students distill inside `edgepipe build`.",
+        )
     if cfg.recipe.kind == "decoder":
         return build_decoder(cfg, cache, progress, decoder_route(cfg).to_dict())
     checkpoint = resolve_teacher(cfg.recipe)
     route = choose_route(cfg, checkpoint)  # edgepipe's own models, or Optimum for architectures it lacks
     if route.path == "optimum":
+        if student is not None:
+            raise UsageError(
+                f"--student applies to edgepipe's own encoder recipes; {cfg.recipe.name} builds through Optimum.",
+                hint="Drop --student.",
+            )
         return build_optimum(cfg, route, checkpoint, cache, progress)
-    return build_encoder(cfg, cache, progress, route.to_dict())
+    return build_encoder(cfg, cache, progress, route.to_dict(), student)
 
 
 def build_bundle(
