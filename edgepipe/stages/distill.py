@@ -427,7 +427,8 @@ def distill(
                 t_pool, t_tok = t_pool @ basis, (t_tok @ basis if t_tok is not None else None)
             with _autocast(precision, device):
                 states, emb = model(ids, mask)
-            loss = _loss([s.float() for s in states], emb.float(), mask, t_emb, t_pool, t_tok, cfg)
+            tokens = lengths[plan[step]].sum() / world  # the whole batch's: N ranks' mean is one process's token mean
+            loss = _loss([s.float() for s in states], emb.float(), mask, t_emb, t_pool, t_tok, cfg, tokens)
             for group in opt.param_groups:
                 group["lr"] = _lr(step, cfg)
             opt.zero_grad(set_to_none=True)
@@ -616,15 +617,18 @@ def _token_targets(targets: dict[str, np.ndarray], idx: np.ndarray, seq: int) ->
     return torch.from_numpy(out)
 
 
-def _loss(states: list[Tensor], emb: Tensor, mask: Tensor, t_emb, t_pool, t_tok, cfg: DistillConfig) -> Tensor:
-    """Embedding cosine + MSE, per-layer pooled-state MSE and, with token targets, last-layer token-state MSE."""
+def _loss(
+    states: list[Tensor], emb: Tensor, mask: Tensor, t_emb, t_pool, t_tok, cfg: DistillConfig, tokens=None
+) -> Tensor:
+    """Embedding cosine + MSE, per-layer pooled-state MSE and, with token targets, last-layer token-state MSE
+    (per token: summed here, divided by ``tokens``, default this batch's)."""
     loss = (1 - (emb * t_emb).sum(-1)).mean() + F.mse_loss(emb, t_emb) * emb.shape[-1]
     if cfg.hidden_weight:
         pooled = torch.stack([_pool(s, mask) for s in states[1:]], 1)
         loss = loss + cfg.hidden_weight * F.mse_loss(pooled, t_pool)
     if t_tok is not None:
         err = (states[-1] - t_tok).square().mean(-1)  # (batch, seq)
-        loss = loss + cfg.token_weight * (err * mask).sum() / mask.sum()
+        loss = loss + cfg.token_weight * (err * mask).sum() / (mask.sum() if tokens is None else tokens)
     return loss
 
 
