@@ -45,7 +45,7 @@ from torch import Tensor
 from edgepipe.cache import atomic_npz, load_checkpoint, remove_checkpoints, save_checkpoint
 from edgepipe.config import DistillConfig, StudentConfig
 from edgepipe.data import encode, load_tokenizer, read_sentences
-from edgepipe.errors import BuildError, ModelError
+from edgepipe.errors import BuildError, ModelError, UsageError
 from edgepipe.models.transformer import Encoder, EncoderConfig
 from edgepipe.progress import Progress
 from edgepipe.stages.parallel import SINGLE, Ranks, native_bf16, train_device
@@ -368,6 +368,12 @@ def distill(
     """
     ranks = ranks or init_ranks()
     rank, world, device = ranks.rank, ranks.world, ranks.device
+    if cfg.batch_size % world:
+        raise UsageError(
+            f"distill.batch_size = {cfg.batch_size} does not split evenly over {world} processes.",
+            hint=f"Set distill.batch_size to a multiple of {world} (each process trains batch_size / {world} rows), "
+            "or launch a process count that divides it.",
+        )
     if not ranks.main:
         progress, held_out = Progress(quiet=True), None
     precision = training_precision(cfg, student_cfg.attention, device)
@@ -410,8 +416,8 @@ def distill(
 
     model = HiddenStates(student)
     if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        on = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=on)
     history: list[float] = []
     cosine = ""  # held-back mean cosine of the last evaluation, shown beside the loss
     t0 = time.perf_counter()
@@ -516,8 +522,8 @@ def attention_transfer(
     teacher.eval()
     model = MixerTransfer(teacher, student, layer_map)
     opt = torch.optim.AdamW(model.mixers.parameters(), lr=cfg.transfer_lr, weight_decay=0.0)
-    ids = [device.index] if device.type == "cuda" else None
-    step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids) if world > 1 else model
+    on = [device.index] if device.type == "cuda" else None
+    step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=on) if world > 1 else model
     plan = length_grouped_batches(token_lengths(tok, sentences), cfg.batch_size, cfg.transfer_steps, cfg.seed + 1)
     schedule = replace(cfg, lr=cfg.transfer_lr, steps=cfg.transfer_steps, warmup_steps=0)  # cosine decay, no warm-up
     history: list[float] = []

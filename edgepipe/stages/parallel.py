@@ -33,18 +33,6 @@ class Ranks:
         """Rank 0: the one that writes checkpoints and the cache entry and shows progress."""
         return self.rank == 0
 
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def all_true(self, flag: bool) -> bool:
-        """Whether ``flag`` holds on every rank."""
-        if self.world == 1:
-            return flag
-        t = torch.tensor([int(flag)], device=self._comm)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return bool(t.item())
-
     def from_main(self, value):
         """Rank 0's ``value`` (any picklable object, e.g. a step or an optimizer state), on every rank."""
         if self.world == 1:

@@ -221,7 +221,8 @@ def test_bf16_training_reaches_the_fidelity_of_fp32(tmp_path, tiny_teacher, held
 )
 def test_auto_precision_takes_bf16_only_for_softmax_attention_on_native_bf16_cpus(attention, expected):
     native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert training_precision(DistillConfig(), attention) == (expected if native else "fp32")
+    cpu = torch.device("cpu")  # the CPU rule; a GPU (parallel.native_bf16) has its own
+    assert training_precision(DistillConfig(), attention, cpu) == (expected if native else "fp32")
     assert training_precision(DistillConfig(precision="fp32"), attention) == "fp32"
 
 
@@ -262,7 +263,7 @@ def test_distill_runs_data_parallel_under_torchrun(tmp_path, tiny_checkpoint):
         "[validate]\nsamples = 32\n"
     )
     distill_cmd = ["-m", "edgepipe.cli", "distill", "--model", str(recipe)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "EDGEPIPE_CACHE": str(tmp_path / "two")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "EDGEPIPE_CACHE": str(tmp_path / "two")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *distill_cmd]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]

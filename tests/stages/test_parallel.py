@@ -66,11 +66,13 @@ def recipe(tiny_checkpoint, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def one_process(recipe, tmp_path_factory) -> dict[str, torch.Tensor]:
-    """The student one process trains (here, in this process), as a state dict."""
+    """The student one process trains on the CPU (here, in this process), as a state dict."""
     from edgepipe.build import distill
 
     cfg = resolve_run_config(str(recipe), "host-cpu", None, tmp_path_factory.mktemp("art"))
-    result = distill(cfg, cache_root=tmp_path_factory.mktemp("one"), progress=Progress(quiet=True))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "is_available", lambda: False)  # the CPU path on a GPU machine too
+        result = distill(cfg, cache_root=tmp_path_factory.mktemp("one"), progress=Progress(quiet=True))
     assert result.meta["world_size"] == 1 and result.meta["steps"] == STEPS
     return load_student(result.dir).state_dict()
 
@@ -80,7 +82,7 @@ def distill_args(recipe: Path) -> list[str]:
 
 
 def run(cmd: list[str], cache: Path, **env) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "EDGEPIPE_CACHE": str(cache), **env}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "EDGEPIPE_CACHE": str(cache), "CUDA_VISIBLE_DEVICES": "", **env}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
 
 
@@ -154,6 +156,7 @@ def test_a_launch_by_environment_alone_trains_as_two_ranks(recipe, one_process, 
             env={
                 **os.environ,
                 "OMP_NUM_THREADS": "1",
+                "CUDA_VISIBLE_DEVICES": "",  # gloo on the CPU, GPU machine or not
                 "EDGEPIPE_CACHE": str(cache),
                 "RANK": str(r),
                 "LOCAL_RANK": str(r),
@@ -220,3 +223,20 @@ def test_a_partial_launcher_environment_is_one_line(monkeypatch):
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     with pytest.raises(UsageError, match="WORLD_SIZE=2 is set but RANK, MASTER_ADDR"):
         parallel.init()
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_one_line(tiny_checkpoint, tmp_path, teacher_dir):
+    from edgepipe.config import DistillConfig, StudentConfig
+    from edgepipe.models.hf import load_encoder
+    from edgepipe.stages.distill import distill
+
+    with pytest.raises(UsageError, match="batch_size = 8 does not split evenly over 3 processes"):
+        distill(
+            load_encoder(tiny_checkpoint),
+            StudentConfig(layers=(0, 2)),
+            DistillConfig(batch_size=8),
+            tmp_path,
+            Progress(quiet=True),
+            tokenizer_path=teacher_dir / "tokenizer.json",
+            ranks=parallel.Ranks(world=3),
+        )
