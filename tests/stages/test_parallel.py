@@ -117,8 +117,8 @@ def test_a_killed_rank_resumes_to_the_uninterrupted_weights_and_build_reuses_the
     assert killed.returncode != 0, killed.stderr[-2000:]
     (work,) = (cache / "distill").glob(".*.partial")
     assert not list((cache / "distill").glob("*/meta.json"))  # no entry a later build would trust
-    assert json.loads((work / "checkpoint.json").read_text())["step"] == 6
-    assert sorted(p.name for p in work.iterdir()) == ["checkpoint-6.safetensors", "checkpoint.json", "optimizer-6.pt"]
+    assert json.loads((work / "resume.json").read_text())["step"] == 6
+    assert sorted(p.name for p in work.iterdir()) == ["checkpoint-6.safetensors", "resume.json", "state-6.pt"]
 
     resumed = run(torchrun(*distill_args(recipe)), cache)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
