@@ -2,13 +2,14 @@
 
 Usage:
     python scripts/bench_distill.py [--model minilm-student] [--procs 1,2] [--repeats 1]
-                                    [--set distill.steps=40 ...] [--json F]
+                                    [--threads T] [--set distill.steps=40 ...] [--json F]
 
 Each run is ``edgepipe distill`` in a fresh stage cache (so each computes its teacher targets, sharded over its
 processes), launched as one process or under ``torchrun --standalone --nproc_per_node=N``; on a CPU the cores are
-split evenly (one process gets all of them as threads, N processes 1/N each). Runs alternate between process counts
-round by round. Per run the record keeps the command's wall time, the distill stage's own seconds, seconds per
-step, sentences per second and the held-back mean cosine, and whether its weights equal the first 1-process run's.
+split evenly (one process gets all of them as threads, N processes 1/N each) unless ``--threads`` says otherwise.
+Runs alternate between process counts round by round. Per run the record keeps the command's wall time, the distill
+stage's own seconds, seconds per step, sentences per second and the held-back mean cosine, and how far its weights
+are from the first 1-process run's.
 """
 
 from __future__ import annotations
@@ -64,16 +65,19 @@ def main() -> None:
     ap.add_argument("--procs", default="1,2", help="Process counts to compare, e.g. 1,2.")
     ap.add_argument("--repeats", type=int, default=1, help="Rounds (each runs every process count once).")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="Recipe override (repeatable).")
+    ap.add_argument("--threads", type=int, help="Threads per process (default: this machine's cores / processes).")
     ap.add_argument("--json", type=Path, help="Write a benchrecord Record here.")
     args = ap.parse_args()
     procs = [int(p) for p in args.procs.split(",")]
     cores = len(os.sched_getaffinity(0))
-    record = Record("bench_distill", model=args.model, procs=procs, repeats=args.repeats, overrides=args.overrides)
+    settings = dict(model=args.model, procs=procs, repeats=args.repeats, overrides=args.overrides, threads=args.threads)
+    record = Record("bench_distill", **settings)
     reference = None
     with tempfile.TemporaryDirectory(prefix="bench-distill-") as tmp:
         for r in range(args.repeats):
             for n in procs:
-                row = run_once(args.model, n, args.overrides, max(1, cores // n), Path(tmp) / f"{r}-{n}")
+                threads = args.threads or max(1, cores // n)
+                row = run_once(args.model, n, args.overrides, threads, Path(tmp) / f"{r}-{n}")
                 weights = load_student(row.pop("entry")).state_dict()
                 if reference is None and n == 1:
                     reference = weights
