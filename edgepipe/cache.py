@@ -195,6 +195,10 @@ class StageCache:
         entry = self.root / stage / self.key(stage, payload)
         return entry if _complete(entry) is not None else None
 
+    def work_dir(self, stage: str, payload: dict) -> Path:
+        """Where (stage, payload) is computed before it is renamed into place (kept across runs when resumable)."""
+        return self.root / stage / f".{self.key(stage, payload)}.partial"
+
     def run(self, stage: str, payload: dict, fn: Callable[[Path], dict], resumable: bool = False) -> StageResult:
         """Return the cached result for (stage, payload, versions, code) or compute it with ``fn(out_dir)``.
 

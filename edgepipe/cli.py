@@ -124,6 +124,11 @@ def cli(ctx: click.Context, debug: bool, quiet: bool, verbose: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and stop.")
 @click.option("--strict", is_flag=True, help="Exit 1 (no bundle) when a fidelity bar is missed (validate.strict).")
 @json_option
+@click.option(
+    "--student",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="A student `edgepipe distill` wrote (e.g. copied from a GPU machine): used once its recipe hash matches.",
+)
 def build(
     model: str | None,
     target: str,
@@ -135,6 +140,7 @@ def build(
     dry_run: bool,
     strict: bool,
     as_json: bool,
+    student: Path | None,
 ) -> None:
     """Build a validated bundle for TARGET from MODEL: distill, swap attention, quantize, lower, validate.
 
@@ -158,7 +164,8 @@ def build(
         else:
             console.print_json(cfg.to_json())
         return
-    bundle = build(cfg, force=force, progress=Progress(err_console, quiet=_quiet(), verbose=_verbose()))
+    progress = Progress(err_console, quiet=_quiet(), verbose=_verbose())
+    bundle = build(cfg, force=force, progress=progress, student=student)
     if as_json:
         _document("build", **_build_fields(bundle))
     elif _quiet():
@@ -180,6 +187,47 @@ def _build_fields(bundle) -> dict:
         "stages": [{k: rec[k] for k in ("stage", "seconds", "cache_hit", "cache_key")} for rec in m["stages"]],
         **({"selection": m["selection"]} if "selection" in m else {}),
     }
+
+
+@cli.command()
+@click.option("--model", "model", default=None, help="An encoder recipe with a [student] table: name or TOML path.")
+@click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value, e.g. distill.steps=20000."
+)
+@click.option("--force", is_flag=True, help="Train again even where the cache holds this student.")
+def distill(model: str | None, overrides, force: bool) -> None:
+    """Distill MODEL's student into the stage cache entry that `edgepipe build --model MODEL` then reuses.
+
+    Runs unchanged as one process, under torchrun and under accelerate launch: one process per GPU (NCCL), or per
+    CPU share (gloo) where there is no GPU. An interrupted run, or one whose rank died, resumes from its last
+    checkpoint when started again.
+
+    \b
+    Examples:
+      edgepipe distill --model minilm-student --set distill.steps=20000
+      torchrun --nproc_per_node=8 -m edgepipe.cli distill --model minilm-student
+      accelerate launch --multi_gpu --num_processes 8 -m edgepipe.cli distill --model minilm-student
+    """
+    from edgepipe.build import distill as run_distill
+    from edgepipe.config import resolve_run_config
+    from edgepipe.progress import Progress
+    from edgepipe.stages.parallel import launched_rank
+
+    cfg = resolve_run_config(model, "host-cpu", None, Path("artifacts"), tuple(overrides))
+    quiet = _quiet() or launched_rank() != 0  # progress from rank 0 only
+    result = run_distill(cfg, force=force, progress=Progress(err_console, quiet=quiet, verbose=_verbose()))
+    if result is None:  # a rank other than 0: rank 0 reports
+        return
+    m = result.meta
+    table = Table(show_header=False, box=None)
+    table.add_row("student", str(result.dir))
+    table.add_row("cache", "hit (already distilled)" if result.cache_hit else f"ran in {result.seconds:.1f} s")
+    table.add_row("held-back vs teacher", f"{_fmt_cos(m.get('held_out'))} (mean / min cosine)")
+    where = f"{m.get('world_size', 1)} process(es) on {m.get('device', 'cpu')}, {m.get('precision')}"
+    table.add_row("trained", f"{m.get('steps')} steps, {where}, {m.get('sentences_per_s')} sentences/s")
+    again = " ".join(["edgepipe build --model", model or cfg.recipe.name, *(f"--set {o}" for o in overrides)])
+    table.add_row("next", f"{again} (reuses this student; elsewhere: add --student with a copy of it)")
+    console.print(table)
 
 
 def _fmt_cos(rec: dict | None) -> str:

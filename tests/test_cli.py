@@ -31,7 +31,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, *needles
 
 
 def test_every_command_has_help_with_an_example():
-    for command in ("build", "targets", "models", "inspect", "check", "deploy", "bench", "compare"):
+    for command in ("build", "distill", "targets", "models", "inspect", "check", "deploy", "bench", "compare"):
         proc = run(command, "--help")
         assert proc.returncode == 0 and "Example" in proc.stdout, command
 

@@ -32,7 +32,7 @@ LONG = {  # module: why it stays over MAX_LINES
     "runtimes/executorch.py": "three backends (XNNPACK, Ethos-U, Core ML) over one export path; the split per backend "
     "is the next layout step (docs/architecture.md)",
     "build/optimum.py": "two Optimum exporters (ONNX, ExecuTorch) with their input makers; one recipe",
-    "stages/distill.py": "the distillation stage: student init, targets cache, resume, torchrun entry point",
+    "stages/distill.py": "the distillation stage: student init, targets cache, resume, data-parallel steps",
     "runtimes/onnxruntime.py": "export, fusion, the precision plans and the session of one runtime",
     "runtimes/tensorrt.py": "the rule checker, the build plan and the decoder Q/DQ fit of one runtime",
     "harness/remote.py": "ssh, adb and local transports behind one deploy/bench contract",

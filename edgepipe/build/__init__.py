@@ -10,22 +10,32 @@ The package is also the Python API's build: ``edgepipe.build(model=..., target=.
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 import types
 from pathlib import Path
 
 from edgepipe.build.driver import Bundle, writable_out
-from edgepipe.cache import StageCache
+from edgepipe.cache import StageCache, StageResult
 from edgepipe.config import RunConfig, overrides_from, resolve_run_config, resolve_teacher
+from edgepipe.errors import UsageError
 from edgepipe.progress import Progress
 
-__all__ = ["Bundle", "build", "build_bundle"]
+__all__ = ["Bundle", "build", "build_bundle", "distill"]
 
 
 def build(
-    cfg: RunConfig, *, force: bool = False, cache_root: Path | None = None, progress: Progress | None = None
+    cfg: RunConfig,
+    *,
+    force: bool = False,
+    cache_root: Path | None = None,
+    progress: Progress | None = None,
+    student: Path | None = None,
 ) -> Bundle:
     """Build the bundle for ``cfg``: every stage cached, the bundle written atomically.
+
+    ``student``: a student `edgepipe distill` wrote (its directory, maybe copied from another machine), used instead
+    of the distill stage once its recipe hash matches ``cfg``'s recipe.
 
     Raises:
         EdgepipeError: Any user-facing failure (bad input, export, validation, fidelity budget).
@@ -36,17 +46,34 @@ def build(
     from edgepipe.build.optimum import build_optimum
     from edgepipe.build.route import choose_route, decoder_route
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise UsageError(
+            f"edgepipe build runs as one process; it was launched as {world} (WORLD_SIZE={world}).",
+            hint="Train under the launcher with `edgepipe distill --model M`, then run `edgepipe build --model M` "
+            "once: it finds the student in the stage cache.",
+        )
     writable_out(cfg.out_dir)
     progress = progress or Progress(quiet=True)
     waiting = lambda stage: progress.note(f"{stage}: waiting for another build computing the same stage")  # noqa: E731
     cache = StageCache(cache_root, force=force, waiting=waiting)
+    if student is not None and cfg.recipe.kind == "decoder":
+        raise UsageError(
+            f"--student takes an encoder student from `edgepipe distill`; {cfg.recipe.name} is a decoder recipe.",
+            hint="Drop --student: decoder students distill inside `edgepipe build`.",
+        )
     if cfg.recipe.kind == "decoder":
         return build_decoder(cfg, cache, progress, decoder_route(cfg).to_dict())
     checkpoint = resolve_teacher(cfg.recipe)
     route = choose_route(cfg, checkpoint)  # edgepipe's own models, or Optimum for architectures it lacks
     if route.path == "optimum":
+        if student is not None:
+            raise UsageError(
+                f"--student applies to edgepipe's own encoder recipes; {cfg.recipe.name} builds through Optimum.",
+                hint="Drop --student.",
+            )
         return build_optimum(cfg, route, checkpoint, cache, progress)
-    return build_encoder(cfg, cache, progress, route.to_dict())
+    return build_encoder(cfg, cache, progress, route.to_dict(), student)
 
 
 def build_bundle(
@@ -84,6 +111,39 @@ def build_bundle(
     overrides = overrides_from(sets) + (("validate.strict=true",) if strict else ())
     cfg = resolve_run_config(None if model is None else str(model), target, precision, out, overrides, task=task)
     return build(cfg, force=force, progress=Progress(quiet=not progress))
+
+
+def distill(
+    cfg: RunConfig, *, force: bool = False, cache_root: Path | None = None, progress: Progress | None = None
+) -> StageResult | None:
+    """The distill stage of ``cfg``'s build alone, into the cache entry ``build(cfg)`` then reads.
+
+    Runs as one process or as each of N that torchrun or ``accelerate launch`` started (``stages.parallel``): rank 0
+    computes the teacher's held-back reference, owns the cache entry and returns it; the other ranks return None.
+
+    Raises:
+        UsageError: The recipe has no encoder student to distill.
+    """
+    from edgepipe.build.encoder import EncoderBuild
+    from edgepipe.build.route import choose_route
+    from edgepipe.stages.parallel import init, shutdown
+
+    recipe = cfg.recipe
+    if recipe.kind != "encoder" or recipe.student is None:
+        what = "a decoder recipe" if recipe.kind == "decoder" else "a recipe without a [student] table"
+        raise UsageError(
+            f"edgepipe distill trains encoder students; {recipe.name} is {what}.",
+            hint="Pass --model an encoder recipe with a [student] table (see `edgepipe models`); decoder students "
+            "distill inside `edgepipe build`.",
+        )
+    ranks = init()
+    try:
+        progress = progress if progress is not None and ranks.main else Progress(quiet=True)
+        cache = StageCache(cache_root, force=force)
+        run = EncoderBuild(cfg, cache, progress, choose_route(cfg, resolve_teacher(recipe)).to_dict())
+        return run.student_stage(run.reference() if ranks.main else None, ranks)
+    finally:
+        shutdown()
 
 
 class _CallableModule(types.ModuleType):

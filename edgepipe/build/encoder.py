@@ -7,6 +7,7 @@ through ``build.driver.Build``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,11 +17,12 @@ from edgepipe.build.driver import Attempt, Build, Bundle, time_session
 from edgepipe.cache import StageCache, StageResult, checkpoint_hash, digest
 from edgepipe.config import RunConfig, Target, resolve_data_file, resolve_teacher
 from edgepipe.data import batches, encode, load_tokenizer, read_sentences
-from edgepipe.errors import BuildError, EdgepipeError, ModelError
+from edgepipe.errors import BuildError, EdgepipeError, ModelError, UsageError
 from edgepipe.manifest import sha256_file
 from edgepipe.progress import Progress
 from edgepipe.runtimes import QuantInputs, get_runtime
 from edgepipe.stages.distill import distill, load_student, training_precision
+from edgepipe.stages.parallel import SINGLE, Ranks
 from edgepipe.stages.validate import compare, embed_session, embed_torch
 
 CHECK_SENTENCES = 8
@@ -38,8 +40,11 @@ IO = {
 class EncoderBuild:
     """One encoder build: the teacher (loaded once, lazily), its tokenizer and the driver's stage records."""
 
-    def __init__(self, cfg: RunConfig, cache: StageCache, progress: Progress, route: dict) -> None:
+    def __init__(
+        self, cfg: RunConfig, cache: StageCache, progress: Progress, route: dict, student: Path | None = None
+    ) -> None:
         self.build = Build(cfg, cache, progress)
+        self.student_dir = student  # --student: a student `edgepipe distill` trained, maybe on another machine
         self.cfg, self.recipe, self.target, self.route = cfg, cfg.recipe, cfg.target, route
         self.teacher_dir = resolve_teacher(self.recipe)
         self.tokenizer_path = self.teacher_dir / "tokenizer.json"
@@ -73,7 +78,15 @@ class EncoderBuild:
     # -- the build ----------------------------------------------------------------------------------------------
     def run(self) -> Bundle:
         teacher_emb = self.reference()
-        model_stage = self.student_stage(teacher_emb) if self.recipe.student else None
+        if self.student_dir is not None and not self.recipe.student:
+            raise UsageError(
+                f"--student {self.student_dir}: recipe {self.recipe.name} has no [student] table to take it.",
+                hint="Build the recipe the student was distilled from, or drop --student.",
+            )
+        if self.student_dir is not None:
+            model_stage = self.given_student(self.student_dir)
+        else:
+            model_stage = self.student_stage(teacher_emb) if self.recipe.student else None
         model_hash = model_stage.key if model_stage else self.teacher_hash
         model_loader = (lambda: load_student(model_stage.dir)) if model_stage else self.teacher
         # The unquantized model's own held-back embeddings: the reference a quantized artifact is judged against.
@@ -185,24 +198,78 @@ class EncoderBuild:
             "targets": targets_key,
         }
 
-    def student_stage(self, teacher_emb: np.ndarray) -> StageResult:
+    def recipe_hash(self) -> str:
+        """What a student depends on in the recipe: teacher, student shape, distill table, data and held-back set.
+
+        Unlike the distill stage's cache key it leaves out package versions and the arithmetic "auto" resolved to,
+        so a student distilled on a GPU cluster matches the same recipe built on a laptop (``--student``).
+        """
+        payload = self.student_payload()
+        return digest({**{k: payload[k] for k in ("teacher", "student", "distill", "data")}, "held_out": self.held_out})
+
+    def given_student(self, path: Path) -> StageResult:
+        """``--student DIR``: the entry `edgepipe distill` wrote (or a copy of it), checked against this recipe.
+
+        Raises:
+            UsageError: DIR holds no student from `edgepipe distill`, or one of another recipe.
+        """
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+            model_hash = checkpoint_hash(path)
+            load_student(path)
+        except (OSError, ValueError, ModelError):
+            raise UsageError(
+                f"--student {path} holds no student from `edgepipe distill` (meta.json, config.json, "
+                "model.safetensors).",
+                hint="Pass the directory `edgepipe distill` printed as its student, copied whole.",
+            ) from None
+        ours, theirs = self.recipe_hash(), meta.get("recipe_hash")
+        if theirs != ours:
+            raise UsageError(
+                f"--student {path} was distilled for recipe hash {theirs}; this build's {self.recipe.name} (with its "
+                f"--set overrides) hashes to {ours}.",
+                hint=f"Build with the recipe and overrides it was distilled from ({meta.get('recipe', '?')}), or "
+                f"distill this one: edgepipe distill --model {self.recipe.name}.",
+            )
+        config = {"student": self.recipe.student.__dict__, **self.recipe.distill.__dict__, "from": str(path)}
+        metrics = {k: v for k, v in meta.items() if k != "seconds"}
+        record = {"stage": "distill", "config": config, "cache_key": model_hash, "cache_hit": True, "seconds": 0.0}
+        self.build.records.append({**record, "metrics": metrics})
+        self.build.progress.note(f"student from --student {path} (recipe hash {ours} matches)")
+        return StageResult("distill", model_hash, path, meta, True, 0.0)
+
+    def student_stage(self, teacher_emb: np.ndarray | None, ranks: Ranks = SINGLE) -> StageResult | None:
+        """The distill stage through the cache; under a launcher, every rank trains and rank 0 owns the entry.
+
+        Rank 0 decides whether the entry is there and tells the others, so all take the same branch; the other
+        ranks train beside it, writing nothing, and get None.
+        """
         recipe, d = self.recipe, self.recipe.distill
         payload = self.student_payload()
         targets_key = payload["targets"]
 
         def run(out: Path) -> dict:
-            return distill(
+            metrics = distill(
                 self.teacher(),
                 recipe.student,
                 d,
                 out,
                 self.build.progress,
-                held_out=self.validation_batches(),
+                held_out=self.validation_batches() if ranks.main else None,
                 held_out_teacher=teacher_emb,
                 tokenizer_path=self.tokenizer_path,
                 targets_cache=self.build.cache.root / "teacher-targets" / f"{targets_key}.npz",
+                ranks=ranks,
             )
+            return {**metrics, "recipe": recipe.name, "recipe_hash": self.recipe_hash()}
 
+        cache = self.build.cache
+        if ranks.world > 1 and not ranks.main:
+            if not ranks.from_main(None):
+                run(cache.work_dir("distill", payload))  # rank 0's directory: this rank only reads its name
+            return None
+        if ranks.world > 1:
+            ranks.from_main(not cache.force and cache.lookup("distill", payload) is not None)
         config = {"student": recipe.student.__dict__, **d.__dict__}
         return self.build.stage("distill", payload, run, "distill student", config=config, resumable=True)
 
@@ -332,9 +399,11 @@ class EncoderBuild:
         )
 
 
-def build_encoder(cfg: RunConfig, cache: StageCache, progress: Progress, route: dict) -> Bundle:
-    """Build an encoder bundle for ``cfg`` (see the module docstring)."""
-    return EncoderBuild(cfg, cache, progress, route).run()
+def build_encoder(
+    cfg: RunConfig, cache: StageCache, progress: Progress, route: dict, student: Path | None = None
+) -> Bundle:
+    """Build an encoder bundle for ``cfg`` (see the module docstring); ``student``: a distilled student to use."""
+    return EncoderBuild(cfg, cache, progress, route, student).run()
 
 
 def cached_student(cfg: RunConfig, cache: StageCache | None = None):

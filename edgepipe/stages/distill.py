@@ -30,7 +30,6 @@ import contextlib
 import copy
 import json
 import math
-import os
 import random
 import time
 import zipfile
@@ -46,12 +45,15 @@ from torch import Tensor
 from edgepipe.cache import atomic_npz, load_checkpoint, remove_checkpoints, save_checkpoint
 from edgepipe.config import DistillConfig, StudentConfig
 from edgepipe.data import encode, load_tokenizer, read_sentences
-from edgepipe.errors import BuildError, ModelError
+from edgepipe.errors import BuildError, ModelError, UsageError
 from edgepipe.models.transformer import Encoder, EncoderConfig
 from edgepipe.progress import Progress
+from edgepipe.stages.parallel import SINGLE, Ranks, native_bf16, train_device
+from edgepipe.stages.parallel import init as init_ranks
 
 STUDENT_WEIGHTS = "model.safetensors"
 STUDENT_CONFIG = "config.json"
+CPU = torch.device("cpu")
 TEACHER_BATCH = 64
 GROUP_BATCHES = 16  # batches per length-sorted pool in length_grouped_batches
 CHECKPOINT_EVERY = 50
@@ -218,7 +220,13 @@ def _ffn_keep(layer, ffn: int) -> Tensor:
 
 
 def teacher_targets(
-    teacher: Encoder, tok, sentences: list[str], progress, tokens: bool = False, precision: str = "fp32"
+    teacher: Encoder,
+    tok,
+    sentences: list[str],
+    progress,
+    tokens: bool = False,
+    precision: str = "fp32",
+    shard: tuple[int, int] = (0, 1),
 ) -> dict[str, np.ndarray]:
     """The teacher's targets for ``sentences``, computed in ``precision`` (see ``training_precision``), stored fp16.
 
@@ -227,7 +235,8 @@ def teacher_targets(
     of every token, ragged: ``tokens`` (total, hidden) with sentence i at rows ``offsets[i]:offsets[i + 1]``.
     Sentences run in order of length, so a batch pads
     little (random batches of MiniLM's training text pad to ~2.7x their mean length); rows keep the order of
-    ``sentences``.
+    ``sentences``. ``shard`` (rank, world) computes every world-th batch only and leaves the other rows zero, so the
+    ranks' sum (``Ranks.sum_arrays``) is the whole set. The teacher runs on the device it is on.
     """
     dim = teacher.cfg.hidden
     lengths = token_lengths(tok, sentences)
@@ -236,17 +245,20 @@ def teacher_targets(
     pooled = np.zeros((len(sentences), teacher.cfg.layers, dim), np.float16)
     states_out = np.zeros((offsets[-1] if tokens else 0, dim), np.float16)
     order = np.argsort(lengths, kind="stable")
+    rank, world = shard
+    starts = list(range(0, len(sentences), TEACHER_BATCH))[rank::world]
+    device = next(teacher.parameters()).device
     teacher.eval()
-    with progress.steps("teacher targets", math.ceil(len(sentences) / TEACHER_BATCH)) as bar, torch.no_grad():
-        for i in range(0, len(sentences), TEACHER_BATCH):
+    with progress.steps("teacher targets", len(starts)) as bar, torch.no_grad():
+        for i in starts:
             rows = order[i : i + TEACHER_BATCH]
-            ids, mask = _tensors(tok, [sentences[r] for r in rows])
-            with _autocast(precision):
+            ids, mask = _tensors(tok, [sentences[r] for r in rows], device)
+            with _autocast(precision, device):
                 states = [x.float() for x in teacher.hidden_states(ids, mask)]
-            emb[rows] = _pool_normalize(states[-1], mask).half().numpy()
-            pooled[rows] = torch.stack([_pool(x, mask) for x in states[1:]], 1).half().numpy()
+            emb[rows] = _pool_normalize(states[-1], mask).half().cpu().numpy()
+            pooled[rows] = torch.stack([_pool(x, mask) for x in states[1:]], 1).half().cpu().numpy()
             if tokens:
-                last = states[-1].half().numpy()
+                last = states[-1].half().cpu().numpy()
                 for j, r in enumerate(rows):
                     states_out[offsets[r] : offsets[r + 1]] = last[j, : lengths[r]]
             bar.advance()
@@ -280,10 +292,10 @@ def length_grouped_batches(lengths: np.ndarray, batch_size: int, steps: int, see
     return out[:steps]
 
 
-def _tensors(tok, sentences: list[str]) -> tuple[Tensor, Tensor]:
-    """One tokenized batch as tensors: ids int64 (batch, longest), mask float32 (batch, longest)."""
+def _tensors(tok, sentences: list[str], device: torch.device = CPU) -> tuple[Tensor, Tensor]:
+    """One tokenized batch as tensors on ``device``: ids int64 (batch, longest), mask float32 (batch, longest)."""
     b = encode(tok, sentences)
-    return torch.from_numpy(b["input_ids"]), torch.from_numpy(b["attention_mask"]).float()
+    return torch.from_numpy(b["input_ids"]).to(device), torch.from_numpy(b["attention_mask"]).float().to(device)
 
 
 def _pool(x: Tensor, mask: Tensor) -> Tensor:
@@ -302,31 +314,22 @@ def _lr(step: int, cfg: DistillConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def training_precision(cfg: DistillConfig, attention: str) -> str:
+def training_precision(cfg: DistillConfig, attention: str, device: torch.device | None = None) -> str:
     """The arithmetic a distillation trains in: ``"bf16"`` (autocast) or ``"fp32"``.
 
-    ``"auto"`` takes bf16 where oneDNN reports native bf16 on this CPU (AVX512-BF16 or AMX; elsewhere bf16 is
-    emulated and slower than fp32) and the student mixes with softmax attention (full, windowed). Linear
-    attention's key-value sums and Mamba-2's scan accumulate over the whole sequence, so they stay fp32.
+    ``"auto"`` takes bf16 where the training device (default: this machine's, ``parallel.train_device``) runs it
+    natively (``parallel.native_bf16``: Ampere+ GPUs, CPUs with AVX512-BF16 or AMX) and the student mixes with
+    softmax attention (full, windowed). Linear attention's key-value sums and Mamba-2's scan accumulate over the
+    whole sequence, so they stay fp32.
     """
     if cfg.precision != "auto":
         return cfg.precision
-    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     softmax = attention == "full" or attention.startswith("windowed")
-    return "bf16" if native and softmax else "fp32"
+    return "bf16" if softmax and native_bf16(device or train_device()) else "fp32"
 
 
-def _autocast(precision: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-
-
-def _dist() -> tuple[int, int]:
-    """(rank, world size), initialising the process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
+def _autocast(precision: str, device: torch.device = CPU):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
 def distill(
@@ -339,8 +342,14 @@ def distill(
     held_out_teacher: np.ndarray | None = None,
     tokenizer_path: Path | None = None,
     targets_cache: Path | None = None,
+    ranks: Ranks | None = None,
 ) -> dict:
     """Train a student and write it (safetensors + config.json) into ``out_dir``.
+
+    Data-parallel over ``ranks`` (default: ``parallel.init()``, which joins the job torchrun or accelerate launch
+    started): each rank trains its slice of every batch on its device and DistributedDataParallel averages the
+    gradients, so N ranks take the same steps as one process. Rank 0 alone writes into ``out_dir`` and shows
+    progress. The teacher is moved to the training device while this runs, and back to the CPU after.
 
     Args:
         teacher: The fp32 teacher encoder.
@@ -352,12 +361,22 @@ def distill(
         held_out_teacher: The teacher's embeddings of ``held_out``, (n, dim).
         tokenizer_path: The teacher's ``tokenizer.json``.
         targets_cache: A file to cache the teacher's targets in (None: keep them in memory only).
+        ranks: Where this process trains (``parallel.Ranks``); ``held_out`` is only read on rank 0.
 
     Returns:
-        Metrics: steps, final losses, held-back cosine before and after, seconds per step.
+        Metrics: steps, final losses, held-back cosine before and after, seconds per step, sentences per second.
     """
-    rank, world = _dist()
-    precision = training_precision(cfg, student_cfg.attention)
+    ranks = ranks or init_ranks()
+    rank, world, device = ranks.rank, ranks.world, ranks.device
+    if cfg.batch_size % world:
+        raise UsageError(
+            f"distill.batch_size = {cfg.batch_size} does not split evenly over {world} processes.",
+            hint=f"Set distill.batch_size to a multiple of {world} (each process trains batch_size / {world} rows), "
+            "or launch a process count that divides it.",
+        )
+    if not ranks.main:
+        progress, held_out = Progress(quiet=True), None
+    precision = training_precision(cfg, student_cfg.attention, device)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     tok = load_tokenizer(tokenizer_path, cfg.max_len)
@@ -376,12 +395,14 @@ def distill(
             )
         basis = residual_basis(teacher, tok, sentences[:BASIS_SENTENCES], student_cfg.hidden)
     student, layer_map = make_student(teacher, student_cfg, basis)
+    teacher.to(device), student.to(device)
+    basis = basis.to(device) if basis is not None else None
     if not cfg.train_embeddings:
         for emb in (student.word_embeddings, student.position_embeddings, student.token_type_embeddings):
             emb.weight.requires_grad_(False)
     before = _held_out_fidelity(student, held_out, held_out_teacher)
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.01)
-    start = _resume(out_dir, student, opt)
+    start = _resume(out_dir, student, opt, ranks)
     if rank == 0 and start < cfg.steps:
         cached = targets_cache is not None and targets_cache.is_file()
         progress.note(
@@ -389,17 +410,14 @@ def distill(
         )
     transfer = None
     if start == 0 and cfg.transfer_steps:  # a resumed run's checkpoint already holds the transferred mixers
-        transfer = attention_transfer(teacher, student, layer_map, tok, sentences, cfg, progress, precision)
+        transfer = attention_transfer(teacher, student, layer_map, tok, sentences, cfg, progress, precision, ranks)
 
-    if world > 1 and rank != 0:
-        torch.distributed.barrier()  # rank 0 computes (or loads) the teacher targets and writes the cache first
-    targets = _cached_targets(teacher, tok, sentences, progress, targets_cache, cfg.token_weight > 0, precision)
-    if world > 1 and rank == 0:
-        torch.distributed.barrier()
+    targets = _cached_targets(teacher, tok, sentences, progress, targets_cache, cfg.token_weight > 0, precision, ranks)
 
     model = HiddenStates(student)
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model)
+        on = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=on)
     history: list[float] = []
     cosine = ""  # held-back mean cosine of the last evaluation, shown beside the loss
     t0 = time.perf_counter()
@@ -407,15 +425,16 @@ def distill(
         bar.set(start)
         for step in range(start, cfg.steps):
             idx = plan[step][rank::world]
-            ids, mask = _tensors(tok, [sentences[i] for i in idx])
-            t_emb = torch.from_numpy(targets["embedding"][idx]).float()
-            t_pool = torch.from_numpy(targets["pooled"][idx][:, layer_map]).float()
-            t_tok = _token_targets(targets, idx, ids.shape[1]) if cfg.token_weight else None
+            ids, mask = _tensors(tok, [sentences[i] for i in idx], device)
+            t_emb = torch.from_numpy(targets["embedding"][idx]).float().to(device)
+            t_pool = torch.from_numpy(targets["pooled"][idx][:, layer_map]).float().to(device)
+            t_tok = _token_targets(targets, idx, ids.shape[1]).to(device) if cfg.token_weight else None
             if basis is not None:  # a narrower student matches the teacher's states in its own basis
                 t_pool, t_tok = t_pool @ basis, (t_tok @ basis if t_tok is not None else None)
-            with _autocast(precision):
+            with _autocast(precision, device):
                 states, emb = model(ids, mask)
-            loss = _loss([s.float() for s in states], emb.float(), mask, t_emb, t_pool, t_tok, cfg)
+            tokens = lengths[plan[step]].sum() / world  # the whole batch's: N ranks' mean is one process's token mean
+            loss = _loss([s.float() for s in states], emb.float(), mask, t_emb, t_pool, t_tok, cfg, tokens)
             for group in opt.param_groups:
                 group["lr"] = _lr(step, cfg)
             opt.zero_grad(set_to_none=True)
@@ -439,6 +458,7 @@ def distill(
         if held_out is not None:
             np.save(out_dir / "held_out.npy", after.pop("embeddings"))
         remove_checkpoints(out_dir)
+    teacher.cpu()
     before.pop("embeddings", None)
     return {
         "steps": cfg.steps,
@@ -448,6 +468,8 @@ def distill(
         "precision": precision,
         "final_loss": round(float(np.mean(history[-20:])), 5) if history else None,
         "seconds_per_step": round(seconds_per_step, 3),
+        "sentences_per_s": round(cfg.batch_size / seconds_per_step, 1) if seconds_per_step else None,
+        "device": device.type,
         "layer_map": layer_map,
         "held_out_before": before or None,
         "attention_transfer": transfer,
@@ -478,7 +500,15 @@ class MixerTransfer(torch.nn.Module):
 
 
 def attention_transfer(
-    teacher, student, layer_map, tok, sentences, cfg: DistillConfig, progress, precision: str = "fp32"
+    teacher,
+    student,
+    layer_map,
+    tok,
+    sentences,
+    cfg: DistillConfig,
+    progress,
+    precision: str = "fp32",
+    ranks: Ranks | None = None,
 ) -> dict:
     """Train only the student's mixers, each to reproduce its teacher layer's mixer output from that layer's input.
 
@@ -487,18 +517,20 @@ def attention_transfer(
     step sizes) gets a dense, per-token signal before the end-to-end loss sees only pooled states. Batches are
     drawn like the main loop's, with their own seed. Returns the relative error before and after.
     """
-    rank, world = _dist()
+    ranks = ranks or SINGLE
+    rank, world, device = ranks.rank, ranks.world, ranks.device
     teacher.eval()
     model = MixerTransfer(teacher, student, layer_map)
     opt = torch.optim.AdamW(model.mixers.parameters(), lr=cfg.transfer_lr, weight_decay=0.0)
-    step_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    on = [device.index] if device.type == "cuda" else None
+    step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=on) if world > 1 else model
     plan = length_grouped_batches(token_lengths(tok, sentences), cfg.batch_size, cfg.transfer_steps, cfg.seed + 1)
     schedule = replace(cfg, lr=cfg.transfer_lr, steps=cfg.transfer_steps, warmup_steps=0)  # cosine decay, no warm-up
     history: list[float] = []
     with progress.steps("attention transfer", cfg.transfer_steps) as bar:
         for step, rows in enumerate(plan):
-            ids, mask = _tensors(tok, [sentences[i] for i in rows[rank::world]])
-            with _autocast(precision):
+            ids, mask = _tensors(tok, [sentences[i] for i in rows[rank::world]], device)
+            with _autocast(precision, device):
                 loss = step_model(ids, mask).float()
             for group in opt.param_groups:
                 group["lr"] = _lr(step, schedule)
@@ -530,16 +562,17 @@ def _estimate(
         t = time.perf_counter()
         batch = [sentences[i] for i in typical]
         teacher_targets(teacher, tok, batch, Progress(quiet=True), cfg.token_weight > 0, precision)
-        teacher_s = (time.perf_counter() - t) * lengths.sum() / lengths[typical].sum()
+        teacher_s = (time.perf_counter() - t) * lengths.sum() / lengths[typical].sum() / world  # sharded over ranks
     probe = copy.deepcopy(student)
+    device = next(probe.parameters()).device
     opt = torch.optim.AdamW([p for p in probe.parameters() if p.requires_grad], lr=cfg.lr)
     rows = plan[start][: max(1, cfg.batch_size // world)]
     times = []
     for _ in range(2):
         t = time.perf_counter()
-        ids, mask = _tensors(tok, [sentences[i] for i in rows])
+        ids, mask = _tensors(tok, [sentences[i] for i in rows], device)
         opt.zero_grad(set_to_none=True)
-        with _autocast(precision):
+        with _autocast(precision, device):
             last = probe.hidden_states(ids, mask)[-1]
         _pool(last.float(), mask).square().sum().backward()
         torch.nn.utils.clip_grad_norm_(probe.parameters(), 1.0)
@@ -552,7 +585,7 @@ def _estimate(
     transfer, transfer_s = "", 0.0
     if start == 0 and cfg.transfer_steps:
         t = time.perf_counter()
-        with _autocast(precision):
+        with _autocast(precision, device):
             error = MixerTransfer(teacher, probe, layer_map)(ids, mask)
         error.float().backward()
         transfer_s = (time.perf_counter() - t) * scale * cfg.transfer_steps
@@ -590,30 +623,40 @@ def _token_targets(targets: dict[str, np.ndarray], idx: np.ndarray, seq: int) ->
     return torch.from_numpy(out)
 
 
-def _loss(states: list[Tensor], emb: Tensor, mask: Tensor, t_emb, t_pool, t_tok, cfg: DistillConfig) -> Tensor:
-    """Embedding cosine + MSE, per-layer pooled-state MSE and, with token targets, last-layer token-state MSE."""
+def _loss(
+    states: list[Tensor], emb: Tensor, mask: Tensor, t_emb, t_pool, t_tok, cfg: DistillConfig, tokens=None
+) -> Tensor:
+    """Embedding cosine + MSE, per-layer pooled-state MSE and, with token targets, last-layer token-state MSE
+    (per token: summed here, divided by ``tokens``, default this batch's)."""
     loss = (1 - (emb * t_emb).sum(-1)).mean() + F.mse_loss(emb, t_emb) * emb.shape[-1]
     if cfg.hidden_weight:
         pooled = torch.stack([_pool(s, mask) for s in states[1:]], 1)
         loss = loss + cfg.hidden_weight * F.mse_loss(pooled, t_pool)
     if t_tok is not None:
         err = (states[-1] - t_tok).square().mean(-1)  # (batch, seq)
-        loss = loss + cfg.token_weight * (err * mask).sum() / mask.sum()
+        loss = loss + cfg.token_weight * (err * mask).sum() / (mask.sum() if tokens is None else tokens)
     return loss
 
 
 def _cached_targets(
-    teacher, tok, sentences, progress, cache: Path | None, tokens: bool, precision: str
+    teacher, tok, sentences, progress, cache: Path | None, tokens: bool, precision: str, ranks: Ranks = SINGLE
 ) -> dict[str, np.ndarray]:
-    if cache is not None and cache.is_file():
+    """The teacher's targets, computed once per (teacher, data, precision): rank 0 reads ``cache`` where it has it
+    and sends it to the other ranks; else every rank computes its shard of the batches, the shards are summed into
+    the whole set on every rank, and rank 0 writes ``cache`` for the next run, of any world size."""
+    found = None
+    if ranks.main and cache is not None and cache.is_file():
         try:
             with np.load(cache) as data:
                 if not tokens or "tokens" in data.files:
-                    return {k: data[k] for k in data.files}
+                    found = {k: data[k] for k in data.files}
         except (OSError, ValueError, zipfile.BadZipFile):  # unreadable: computed again and replaced
             pass
-    targets = teacher_targets(teacher, tok, sentences, progress, tokens, precision)
-    if cache is not None:  # builds of other students share it: written whole under a private name, then renamed
+    if ranks.from_main(found is not None):
+        return ranks.arrays_from_main(found)
+    targets = teacher_targets(teacher, tok, sentences, progress, tokens, precision, (ranks.rank, ranks.world))
+    ranks.sum_arrays({k: v for k, v in targets.items() if k != "offsets"})  # offsets are the same on every rank
+    if ranks.main and cache is not None:  # builds of other students share it: written whole under a private name
         atomic_npz(cache, targets)
     return targets
 
@@ -629,27 +672,39 @@ def _held_out_fidelity(student: Encoder, held_out, teacher_emb) -> dict:
 
 
 def _checkpoint(out_dir: Path, student: Encoder, opt, step: int) -> None:
-    weights = {k: v.contiguous() for k, v in student.state_dict().items()}
-    save_checkpoint(out_dir, step, weights, {"optimizer": opt.state_dict()})
+    save_checkpoint(out_dir, step, _cpu(student.state_dict()), {"optimizer": _cpu(opt.state_dict())})
 
 
-def _resume(out_dir: Path, student: Encoder, opt) -> int:
-    """The step of the last complete checkpoint in ``out_dir``, loaded into ``student`` and ``opt`` (0: none)."""
-    saved = load_checkpoint(out_dir)
+def _resume(out_dir: Path, student: Encoder, opt, ranks: Ranks = SINGLE) -> int:
+    """The step of rank 0's last complete checkpoint in ``out_dir`` (0: none), loaded into ``student`` and ``opt``
+    on every rank: rank 0 reads it and sends it, so the other ranks need not see rank 0's disk."""
+    saved = load_checkpoint(out_dir) if ranks.main else None
+    saved = ranks.from_main(saved)
     if saved is None:
         return 0
     step, weights, state = saved
     try:
         student.load_state_dict(weights)
         opt.load_state_dict(state["optimizer"])
-    except (RuntimeError, KeyError, ValueError):  # another student's checkpoint: start over
+    except (RuntimeError, KeyError, ValueError):  # another student's checkpoint: start over (every rank alike)
         return 0
     return step
 
 
+def _cpu(state):
+    """``state`` (a state dict, maybe nested) with every tensor copied to the CPU, contiguous."""
+    if isinstance(state, Tensor):
+        return state.detach().cpu().contiguous()
+    if isinstance(state, dict):
+        return {k: _cpu(v) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(_cpu(v) for v in state)
+    return state
+
+
 def save_student(student: Encoder, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(out_dir / STUDENT_WEIGHTS))
+    save_file(_cpu(student.state_dict()), str(out_dir / STUDENT_WEIGHTS))
     (out_dir / STUDENT_CONFIG).write_text(json.dumps(asdict(student.cfg), indent=2))
 
 
@@ -666,44 +721,3 @@ def load_student(path: Path) -> Encoder:
     except (OSError, ValueError, TypeError, RuntimeError) as exc:
         raise ModelError(f"Cannot load the student in {path}: {exc}.", hint="Rebuild with --force.") from None
     return model.eval()
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Distill a recipe's student outside the pipeline, e.g. data-parallel on N processes:
-
-    ``torchrun --nproc_per_node=2 -m edgepipe.stages.distill --model minilm-student --out /tmp/student``
-    """
-    import argparse
-
-    from edgepipe.config import load_recipe, resolve_teacher
-    from edgepipe.models.hf import load_encoder
-
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--model", required=True, help="Recipe name or TOML path with a [student] table.")
-    ap.add_argument("--out", type=Path, required=True, help="Where the student (safetensors + config.json) goes.")
-    ap.add_argument(
-        "--set", dest="overrides", action="append", default=[], help="Recipe override, e.g. distill.steps=20"
-    )
-    args = ap.parse_args(argv)
-    recipe = load_recipe(args.model, tuple(args.overrides))
-    if recipe.student is None:
-        raise SystemExit(f"Recipe {recipe.name} has no [student] table: nothing to distill.")
-    teacher_dir = resolve_teacher(recipe)
-    rank, _ = _dist()
-    metrics = distill(
-        load_encoder(teacher_dir),
-        recipe.student,
-        recipe.distill,
-        args.out,
-        Progress(quiet=rank != 0),
-        tokenizer_path=teacher_dir / "tokenizer.json",
-        targets_cache=args.out / "teacher-targets.npz",
-    )
-    if rank == 0:
-        (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()

@@ -25,12 +25,15 @@ EVAL_TOKENS = 256  # per window, capped by the model's context
 
 
 def embed_torch(model: nn.Module, batches: Iterable[dict[str, np.ndarray]]) -> np.ndarray:
-    """Sentence embeddings (n, dim) of an eager encoder over tokenized batches."""
+    """Sentence embeddings (n, dim) of an eager encoder over tokenized batches, on the device the model is on."""
     model.eval()
+    device = next(model.parameters()).device
+    out = []
     with torch.no_grad():
-        return np.concatenate(
-            [model(torch.from_numpy(b["input_ids"]), torch.from_numpy(b["attention_mask"])).numpy() for b in batches]
-        )
+        for b in batches:
+            ids, mask = (torch.from_numpy(b[k]).to(device) for k in ("input_ids", "attention_mask"))
+            out.append(model(ids, mask).cpu().numpy())
+    return np.concatenate(out)
 
 
 def embed_session(session: Session, batches: Iterable[dict[str, np.ndarray]]) -> np.ndarray:

@@ -221,7 +221,8 @@ def test_bf16_training_reaches_the_fidelity_of_fp32(tmp_path, tiny_teacher, held
 )
 def test_auto_precision_takes_bf16_only_for_softmax_attention_on_native_bf16_cpus(attention, expected):
     native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert training_precision(DistillConfig(), attention) == (expected if native else "fp32")
+    cpu = torch.device("cpu")  # the CPU rule; a GPU (parallel.native_bf16) has its own
+    assert training_precision(DistillConfig(), attention, cpu) == (expected if native else "fp32")
     assert training_precision(DistillConfig(precision="fp32"), attention) == "fp32"
 
 
@@ -259,23 +260,28 @@ def test_distill_runs_data_parallel_under_torchrun(tmp_path, tiny_checkpoint):
         f'teacher = "{tiny_checkpoint}"\n[student]\nlayers = [0, 2]\n'
         # fp32: bf16 rounding depends on the batch's shape, and this test compares half batches with whole ones
         '[distill]\nsteps = 4\nbatch_size = 8\nwarmup_steps = 1\nmax_len = 32\nprecision = "fp32"\n'
+        "[validate]\nsamples = 32\n"
     )
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += ["-m", "edgepipe.stages.distill", "--model", str(recipe), "--out", str(tmp_path / "out")]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    distill_cmd = ["-m", "edgepipe.cli", "distill", "--model", str(recipe)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "EDGEPIPE_CACHE": str(tmp_path / "two")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *distill_cmd]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    (two,) = (tmp_path / "two" / "distill").glob("*/meta.json")
+    metrics = json.loads(two.read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 4 and np.isfinite(metrics["final_loss"])
     # Every loss term is a mean over rows, so two ranks on half batches with averaged gradients take the same steps
     # as one process on whole batches: the weights agree only if DDP really synchronised the gradients.
-    single = [sys.executable, "-m", "edgepipe.stages.distill", "--model", str(recipe), "--out", str(tmp_path / "one")]
-    proc = subprocess.run(single, capture_output=True, text=True, timeout=300, cwd=REPO)
+    env["EDGEPIPE_CACHE"] = str(tmp_path / "one")
+    proc = subprocess.run(
+        [sys.executable, *distill_cmd], capture_output=True, text=True, timeout=300, cwd=REPO, env=env
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    a, b = load_student(tmp_path / "out").state_dict(), load_student(tmp_path / "one").state_dict()
+    (one,) = (tmp_path / "one" / "distill").glob("*/meta.json")
+    assert one.parent.name == two.parent.name  # one cache entry, whichever way it was trained
+    a, b = load_student(two.parent).state_dict(), load_student(one.parent).state_dict()
     moved = (
-        load_student(tmp_path / "out").state_dict()["layers.0.ffn_in.weight"]
+        a["layers.0.ffn_in.weight"]
         - make_student(load_encoder(tiny_checkpoint), StudentConfig(layers=(0, 2)))[0].state_dict()[
             "layers.0.ffn_in.weight"
         ]
