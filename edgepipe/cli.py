@@ -445,6 +445,7 @@ def check(bundle: Path, text: Path | None, samples: int, teacher: Path | None, a
             "bundle": str(bundle.resolve()),
             "runtime": report.manifest["runtime"],
             "precision": report.manifest["precision"],
+            "tolerance": {**report.tolerance, "source": f"edgepipe's table ({report.family})"},
         }
         if not report.passed:
             click.get_current_context().meta[_PARTIAL] = {**fields, "passed": False, "result": res}

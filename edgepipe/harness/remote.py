@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -407,7 +408,10 @@ _COMMIT = (
     '[ -f "$s/$m" ] || exit 4; rm -rf "$o" || exit 5; if [ -e "$d" ]; then mv "$d" "$o" || exit 5; fi; '
     'mv "$s" "$d" || { [ -e "$o" ] && mv "$o" "$d"; exit 5; }; rm -rf "$o"'
 )
-_RUNNER_INSTALL = '[ ! -L "$1" ] && rm -rf "$1" && mv "$2" "$1"'
+# An existing runner directory of that id is kept (two deploys at once install the same files) unless "$3" = force.
+_RUNNER_INSTALL = (
+    '[ -L "$1" ] && exit 3; if [ -d "$1" ] && [ "$3" != force ]; then rm -rf "$2"; else rm -rf "$1" && mv "$2" "$1"; fi'
+)
 # Prints the interpreter's version; `import sys` reads no file, so the directory it starts in cannot matter.
 _PROBE = "import sys; print('.'.join(map(str, sys.version_info[:3])))"
 
@@ -487,18 +491,18 @@ def _runner_current(report: dict | None) -> bool:
     )
 
 
-def _install_runner(t: _Transport, device: DeviceURL, runner: str) -> None:
+def _install_runner(t: _Transport, device: DeviceURL, runner: str, force: bool = False) -> None:
     """Copy runner.py and the modules it ships with into the runner's own directory, all at once: they go to a
-    staging directory that is renamed into place, so a cut copy is never run."""
+    staging directory that is renamed into place, so a cut copy is never run. ``force`` replaces a damaged one."""
     runner_dir = posixpath.dirname(runner)
-    partial = f"{posixpath.dirname(runner_dir)}/.{posixpath.basename(runner_dir)}-{os.getpid()}.partial"
+    partial = f"{posixpath.dirname(runner_dir)}/.{posixpath.basename(runner_dir)}-{uuid.uuid4().hex[:12]}.partial"
     files = [(RUNNER, f"{partial}/runner.py"), *((RUNNER.parent / n, f"{partial}/{n}") for n in _runner.SHIPPED)]
     try:
         t.put(files)
     except Exception as e:  # OSError, DeviceError, asyncssh.SFTPError
         t.run(["rm", "-rf", partial], 60)
         raise DeviceError(f"Copying runner.py to {device.where} failed: {e}.") from None
-    rc, _, err = t.run(["sh", "-c", _RUNNER_INSTALL, "sh", runner_dir, partial], 60)
+    rc, _, err = t.run(["sh", "-c", _RUNNER_INSTALL, "sh", runner_dir, partial, "force" if force else ""], 60)
     if rc != 0:
         t.run(["rm", "-rf", partial], 60)
         raise DeviceError(f"Cannot put runner.py into {runner_dir} on {device.where}: {err.strip() or 'a symlink'}")
@@ -560,8 +564,10 @@ def _deploy(
     manifest_sha = _runner.sha256_file(str(bundle / "manifest.json"))
     files, nbytes, copied = 0, 0, False
     rc, report, err = _run_verify(t, interpreter, runner, remote_dir, timeout)
-    if not in_place and not _runner_current(report):
-        _install_runner(t, device, runner)
+    for force in (False, True):  # a runner directory of this id that does not verify is replaced
+        if in_place or _runner_current(report):
+            break
+        _install_runner(t, device, runner, force)
         rc, report, err = _run_verify(t, interpreter, runner, remote_dir, timeout)
     current = (
         report is not None
