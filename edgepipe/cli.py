@@ -8,6 +8,7 @@ adds stage details.
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from pathlib import Path
@@ -55,7 +56,15 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            except OSError as exc:  # a full disk outside the build's own writes (results, --csv, ...): one line too
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                where = f" writing {exc.filename}" if exc.filename else ""
+                raise EdgepipeError(
+                    f"No space left on the device{where} ({exc.strerror}).", hint="Free space."
+                ) from exc
         except EdgepipeError as exc:
             if ctx.params.get("debug"):
                 raise
