@@ -27,6 +27,7 @@ import posixpath
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,9 @@ RUNNER_ID = hashlib.sha256(json.dumps([RUNNER_SHA256, SHIPPED_SHA256], sort_keys
 MARKER = _runner.DEPLOY_MARKER
 CONNECT_TIMEOUT_S = 10.0
 RUN_TIMEOUT_S = 1800.0
+KEEPALIVE_INTERVAL_S = 15.0  # a device that misses KEEPALIVE_COUNT_MAX keepalives in a row is gone
+KEEPALIVE_COUNT_MAX = 4
+TRANSFER_BASE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -157,7 +161,14 @@ class _LocalTransport:
 
 
 class _SshTransport:
-    """asyncssh behind a synchronous face: one private event loop per connection."""
+    """asyncssh behind a synchronous face: one private event loop per connection.
+
+    Agent forwarding is always off (an ssh config's ``ForwardAgent yes`` would hand every device the user's keys);
+    keepalives close a connection whose device stopped answering, and every transfer has a deadline, so a dropped
+    device ends in one line instead of a hang. Each way a connection fails gets its own line: the name does not
+    resolve, nothing listens, no answer, not an SSH server, host key unknown or changed, keys refused, an identity
+    file that is encrypted or unreadable.
+    """
 
     def __init__(
         self,
@@ -184,40 +195,79 @@ class _SshTransport:
                 f"No known_hosts file at {known}, so the host key of {self.where} cannot be checked.",
                 hint=self._first_contact,
             )
-        options = {"known_hosts": str(known) if known else None, "connect_timeout": timeout}
+        options = {
+            "known_hosts": str(known) if known else None,
+            "connect_timeout": timeout,
+            "agent_forwarding": False,  # wins over ForwardAgent in ~/.ssh/config
+            "keepalive_interval": KEEPALIVE_INTERVAL_S,
+            "keepalive_count_max": KEEPALIVE_COUNT_MAX,
+        }
         if identity_file is not None:
-            options["client_keys"] = [str(Path(identity_file).expanduser())]
+            options["client_keys"] = [_identity(asyncssh, Path(identity_file).expanduser())]
         if device.user:
             options["username"] = device.user
+        reached = []  # the TCP connection is up once the client's connection_made has run
+        self._lost: list[str] = []  # why the connection went down (asyncssh's reason: an unanswered keepalive, ...)
+        lost = self._lost
+
+        class _Client(asyncssh.SSHClient):
+            def connection_made(self, conn) -> None:
+                reached.append(conn)
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                lost.append(getattr(exc, "reason", None) or str(exc or "closed by the device"))
+
         self._loop = asyncio.new_event_loop()
         try:
             self._conn = self._loop.run_until_complete(
-                asyncio.wait_for(asyncssh.connect(device.host, device.port, **options), timeout + 5)
+                asyncio.wait_for(
+                    asyncssh.connect(device.host, device.port, client_factory=_Client, **options), timeout + 5
+                )
             )
-        except asyncssh.HostKeyNotVerifiable as e:
+        except BaseException as e:
             self._loop.close()
-            raise self._host_key_error(known, e) from None
-        except asyncssh.PermissionDenied:
-            self._loop.close()
-            raise DeviceError(
-                f"Authentication failed for {self.where}: the server accepted none of the offered keys.",
+            raise self._connect_error(e, known, timeout, bool(reached)) from None
+
+    def _connect_error(self, e: BaseException, known: Path | None, timeout: float, reached: bool) -> BaseException:
+        """The one line for a failed connect (or ``e`` itself when it is no connection failure)."""
+        asyncssh, where, port = self._asyncssh, self.where, self._device.port
+        check = "Check the host and port in the device URL, and that the device is on."
+        if isinstance(e, asyncssh.HostKeyNotVerifiable):
+            return self._host_key_error(known, e)
+        if isinstance(e, asyncssh.PermissionDenied):
+            return DeviceError(
+                f"Authentication failed for {where}: the server accepted none of the offered keys.",
                 hint="Add your public key to ~/.ssh/authorized_keys on the device, load it into "
                 "ssh-agent, or pass an identity file.",
-            ) from None
-        except TimeoutError:
-            self._loop.close()
-            raise DeviceError(
-                f"{self.where} did not complete an SSH handshake within {timeout:g} s.",
-                hint="Check the host, port and network, or raise the timeout.",
-            ) from None
-        except (OSError, asyncssh.Error) as e:
-            self._loop.close()
-            errno = getattr(e, "errno", None)
-            reason = (os.strerror(errno) if errno else None) or getattr(e, "reason", None) or str(e) or type(e).__name__
-            raise DeviceError(
-                f"Cannot reach {self.where} over ssh: {reason}.",
-                hint="Check that the device is on, sshd runs, and the host and port are right.",
-            ) from None
+            )
+        if isinstance(e, socket.gaierror):
+            return DeviceError(f"Cannot resolve the host name {self._device.host!r}: {e.strerror}.", hint=check)
+        if isinstance(e, ConnectionRefusedError):
+            return DeviceError(
+                f"Cannot reach {where} over ssh: Connection refused (nothing listens on port {port}).",
+                hint="Check that sshd runs on the device and the port is right.",
+            )
+        if isinstance(e, TimeoutError | asyncssh.TimeoutError) and reached:
+            return DeviceError(
+                f"{where} did not complete an SSH handshake within {timeout:g} s (port {port} took the connection).",
+                hint="Check that the port is sshd's, or raise the timeout.",
+            )
+        if isinstance(e, TimeoutError | asyncssh.TimeoutError):
+            return DeviceError(
+                f"{where} did not answer on port {port} within {timeout:g} s (no reply: host down, wrong address, or "
+                "a firewall dropping it).",
+                hint=check,
+            )
+        if isinstance(e, asyncssh.ProtocolError | asyncssh.ConnectionLost) or reached and isinstance(e, OSError):
+            reason = getattr(e, "reason", None) or str(e) or type(e).__name__
+            return DeviceError(
+                f"{where} accepted the connection on port {port} but did not speak SSH: {reason}.",
+                hint="Check that the port is sshd's.",
+            )
+        if isinstance(e, OSError | asyncssh.Error):
+            reason = getattr(e, "strerror", None) or getattr(e, "reason", None) or str(e) or type(e).__name__
+            return DeviceError(f"Cannot reach {where} over ssh: {reason}.", hint=check)
+        return e
 
     def _host_key_error(self, known: Path, error: Exception) -> DeviceError:
         try:
@@ -234,15 +284,27 @@ class _SshTransport:
             )
         return DeviceError(f"The host key of {self.where} is not in {known} ({error}).", hint=self._first_contact)
 
-    def run(self, argv: list[str], timeout: float) -> tuple[int, str, str]:
+    def _wait(self, work, timeout: float, what: str):
+        """Run ``work`` on this connection's loop; a deadline or a dead connection is one DeviceError line."""
         try:
-            done = self._loop.run_until_complete(self._conn.run(shlex.join(argv), check=False, timeout=timeout))
+            return self._loop.run_until_complete(asyncio.wait_for(work, timeout))
         except (TimeoutError, self._asyncssh.TimeoutError):
-            raise DeviceError(
-                f"'{shlex.join(argv[:2])} ...' did not finish within {timeout:.0f} s on {self.where}."
-            ) from None
+            raise DeviceError(f"{what} did not finish within {timeout:.0f} s on {self.where}.") from None
         except (OSError, self._asyncssh.Error) as e:
-            raise DeviceError(f"Lost the ssh connection to {self.where}: {e}.") from None
+            reason = getattr(e, "reason", None) or str(e) or type(e).__name__
+            raise DeviceError(
+                f"Lost the ssh connection to {self.where} during {what}: {reason}.",
+                hint="The device stopped answering (keepalives unanswered) or dropped the link; check it and retry.",
+            ) from None
+
+    def run(self, argv: list[str], timeout: float) -> tuple[int, str, str]:
+        what = f"'{shlex.join(argv[:2])} ...'"
+        done = self._wait(self._conn.run(shlex.join(argv), check=False), timeout, what)
+        if done.exit_status is None and self._lost:  # the channel closed with the connection: no exit status came
+            raise DeviceError(
+                f"Lost the ssh connection to {self.where} during {what}: {self._lost[0]}.",
+                hint="The device stopped answering (keepalives unanswered) or dropped the link; check it and retry.",
+            )
         status = done.exit_status if done.exit_status is not None else 255
         return status, str(done.stdout or ""), str(done.stderr or "")
 
@@ -253,19 +315,46 @@ class _SshTransport:
                     await sftp.makedirs(os.path.dirname(remote) or ".", exist_ok=True)
                     await sftp.put(str(local), remote)
 
-        self._loop.run_until_complete(_put())
+        size = sum(local.stat().st_size for local, _ in pairs)
+        self._wait(_put(), _transfer_timeout(size), f"the copy of {len(pairs)} file(s)")
 
     def get(self, remote: str, local: Path) -> None:
         async def _get() -> None:
             async with self._conn.start_sftp_client() as sftp:
                 await sftp.get(remote, str(local))
 
-        self._loop.run_until_complete(_get())
+        self._wait(_get(), _transfer_timeout(0), f"fetching {remote}")
 
     def close(self) -> None:
         self._conn.close()
-        self._loop.run_until_complete(self._conn.wait_closed())
+        try:  # an abort: a dead device has nothing to say
+            self._loop.run_until_complete(asyncio.wait_for(self._conn.wait_closed(), KEEPALIVE_INTERVAL_S))
+        except (TimeoutError, OSError, self._asyncssh.Error):
+            pass
         self._loop.close()
+
+
+def _identity(asyncssh, path: Path):
+    """The private key of ``--identity``, read here so an encrypted or unreadable one is one line (edgepipe never
+    prompts for a passphrase)."""
+    try:
+        return asyncssh.read_private_key(str(path))
+    except FileNotFoundError:
+        raise UsageError(f"--identity {path} does not exist.", hint="Pass the path of a private key file.") from None
+    except OSError as e:
+        raise UsageError(f"Cannot read --identity {path} ({e.strerror}).", hint="Check its permissions.") from None
+    except asyncssh.KeyImportError as e:
+        if "assphrase" in str(e):
+            raise UsageError(
+                f"--identity {path} is encrypted with a passphrase, which edgepipe does not ask for.",
+                hint=f"Load it into ssh-agent (ssh-add {path}) and leave out --identity.",
+            ) from None
+        raise UsageError(f"--identity {path} is not a private key asyncssh can read ({e}).") from None
+
+
+def _transfer_timeout(nbytes: int) -> float:
+    """A copy's deadline: a minute, plus a second per MB at the slowest link we expect (1 MB/s)."""
+    return TRANSFER_BASE_S + nbytes / 1e6
 
 
 class _AdbTransport:
