@@ -472,7 +472,7 @@ def check(bundle: Path, text: Path | None, samples: int, teacher: Path | None, a
         need = report.tolerance.get("min_token_agreement", 1.0)
         table.add_row("greedy tokens", f"{res['token_agreement']:.4f} agree", "", "", f"agreement ≥ {need}")
     console.print(table)
-    said = {k: v for k, v in (report.manifest.get("validation") or {}).items() if k in report.tolerance}
+    said = report.manifest_says
     unused = "" if said == report.tolerance else f"; the bundle's manifest says {said or 'none'}, not used"
     console.print(f"tolerance: edgepipe's table for {report.manifest['precision']} ({report.family}){unused}")
     if not report.passed:

@@ -52,9 +52,12 @@ def _load_toml(path: Path) -> dict:
 
 
 def _finite(value: Any) -> bool:
-    """No nan or inf anywhere in a TOML value (TOML has both; a NaN learning rate trains a NaN bundle)."""
+    """No nan or inf anywhere in a TOML value (TOML has both; a NaN learning rate trains a NaN bundle), and no NUL
+    in a string (no file name or path can hold one)."""
     if isinstance(value, float):
         return math.isfinite(value)
+    if isinstance(value, str):
+        return "\x00" not in value
     if isinstance(value, list):
         return all(_finite(v) for v in value)
     if isinstance(value, dict):
@@ -90,7 +93,7 @@ class _Fields:
             return default if default is not ... else None
         infinite_ok = isinstance(default, float) and math.isinf(default) and value == default  # Mamba's dt_max
         if not table and not _finite(value) and not infinite_ok:  # a table's keys are checked one by one
-            self.problems.append(f"'{name}' = {value!r}: numbers must be finite (no nan or inf)")
+            self.problems.append(f"'{name}' = {value!r}: numbers must be finite (no nan or inf), text without NUL")
             return default if default is not ... else None
         return value
 
