@@ -33,6 +33,12 @@ class CheckReport:
         return runner.bench_kind(self.manifest)
 
     @property
+    def manifest_says(self) -> dict:
+        """The tolerance the bundle's own manifest claims (reported beside the one used, never used)."""
+        said = self.manifest.get("validation")
+        return {k: v for k, v in said.items() if k in self.tolerance} if isinstance(said, dict) else {}
+
+    @property
     def passed(self) -> bool:
         return self.result["passed"]
 

@@ -9,6 +9,7 @@ adds stage details.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import sys
 from pathlib import Path
@@ -58,7 +59,15 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            except OSError as exc:  # a full disk outside the build's own writes (results, --csv, ...): one line too
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                where = f" writing {exc.filename}" if exc.filename else ""
+                raise EdgepipeError(
+                    f"No space left on the device{where} ({exc.strerror}).", hint="Free space."
+                ) from exc
         except EdgepipeError as exc:
             if ctx.params.get("debug"):
                 raise
@@ -503,6 +512,7 @@ def check(bundle: Path, text: Path | None, samples: int, teacher: Path | None, a
             "bundle": str(bundle.resolve()),
             "runtime": report.manifest["runtime"],
             "precision": report.manifest["precision"],
+            "tolerance": {**report.tolerance, "source": f"edgepipe's table ({report.family})"},
         }
         if not report.passed:
             click.get_current_context().meta[_PARTIAL] = {**fields, "passed": False, "result": res}
@@ -520,7 +530,7 @@ def check(bundle: Path, text: Path | None, samples: int, teacher: Path | None, a
         need = report.tolerance.get("min_token_agreement", 1.0)
         table.add_row("greedy tokens", f"{res['token_agreement']:.4f} agree", "", "", f"agreement ≥ {need}")
     console.print(table)
-    said = {k: v for k, v in (report.manifest.get("validation") or {}).items() if k in report.tolerance}
+    said = report.manifest_says
     unused = "" if said == report.tolerance else f"; the bundle's manifest says {said or 'none'}, not used"
     console.print(f"tolerance: edgepipe's table for {report.manifest['precision']} ({report.family}){unused}")
     if not report.passed:

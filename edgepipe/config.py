@@ -43,8 +43,26 @@ def _load_toml(path: Path) -> dict:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{path}: malformed TOML ({exc}).", hint="Fix the syntax at the line shown.") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}).", hint="TOML files are UTF-8: save it so."
+        ) from None
     except OSError as exc:
         raise UsageError(f"Cannot read {path}: {exc.strerror}.") from None
+
+
+def _finite(value: Any) -> bool:
+    """No nan or inf anywhere in a TOML value (TOML has both; a NaN learning rate trains a NaN bundle), and no NUL
+    in a string (no file name or path can hold one)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, str):
+        return "\x00" not in value
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    return True
 
 
 class _Fields:
@@ -54,7 +72,9 @@ class _Fields:
         self.data, self.where, self.problems = data, where, problems
         self.seen: set[str] = set()
 
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., choices: tuple | None = None) -> Any:
+    def get(
+        self, key: str, kind: type | tuple[type, ...], default: Any = ..., choices: tuple | None = None, table=False
+    ) -> Any:
         self.seen.add(key)
         name = f"{self.where}{key}"
         if key not in self.data:
@@ -71,10 +91,14 @@ class _Fields:
         if choices is not None and value not in choices:
             self.problems.append(f"'{name}' = {value!r} is not one of {', '.join(map(str, choices))}")
             return default if default is not ... else None
+        infinite_ok = isinstance(default, float) and math.isinf(default) and value == default  # Mamba's dt_max
+        if not table and not _finite(value) and not infinite_ok:  # a table's keys are checked one by one
+            self.problems.append(f"'{name}' = {value!r}: numbers must be finite (no nan or inf), text without NUL")
+            return default if default is not ... else None
         return value
 
     def table(self, key: str) -> _Fields:
-        value = self.get(key, dict, {})
+        value = self.get(key, dict, {}, table=True)
         return _Fields(value or {}, f"{self.where}{key}.", self.problems)
 
     def unknown(self, allowed_extra: tuple[str, ...] = ()) -> None:
@@ -448,14 +472,28 @@ class DistillConfig:
     # The teacher's targets are computed in the same arithmetic.
     precision: str = field(default="auto", metadata={"choices": ("auto", "bf16", "fp32")})
 
+    def __post_init__(self) -> None:
+        _at_least(self, "distill", batch_size=1, max_len=2, lr=1e-12, transfer_lr=1e-12)
+
+
+def _at_least(cfg: Any, table: str, **bounds: float) -> None:
+    """One line naming every key of ``cfg`` below its bound (>= 0 is checked for every number already)."""
+    need = {k: f">= {b:g}" if b >= 1 else "> 0" for k, b in bounds.items()}  # 1e-12: any positive rate
+    low = [f"{table}.{k} = {getattr(cfg, k)} needs {need[k]}" for k, b in bounds.items() if getattr(cfg, k) < b]
+    if low:
+        raise UsageError(", ".join(low))
+
 
 @dataclass(frozen=True)
 class QuantizeConfig:
     calibration: str = "calibration.txt"
     samples: int = 256
-    method: str = "minmax"  # minmax | percentile | entropy
+    method: str = field(default="minmax", metadata={"choices": ("minmax", "percentile", "entropy")})
     fidelity_budget: float = 0.01  # largest allowed drop in mean cosine vs the unquantized model
     max_len: int = 128
+
+    def __post_init__(self) -> None:
+        _at_least(self, "quantize", samples=1, max_len=2)
 
 
 @dataclass(frozen=True)
@@ -465,6 +503,11 @@ class ValidateConfig:
     max_len: int = 128
     min_cosine: float = 0.99  # held-back mean cosine vs the teacher the shipped bundle must keep
     strict: bool = False  # a missed bar fails the build (exit 1, no bundle) instead of a warning; --strict sets it
+
+    def __post_init__(self) -> None:
+        _at_least(self, "validate", samples=1, max_len=2)
+        if self.min_cosine > 1:
+            raise UsageError(f"validate.min_cosine = {self.min_cosine}: a cosine is at most 1")
 
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -656,7 +699,11 @@ def recipe_from_dict(name: str, data: dict, source: str) -> ModelRecipe:
 
 def _partial_table(f: _Fields, cls: type, leave_out: tuple[str, ...]) -> dict:
     """The keys a table gives of ``cls``'s fields (less ``leave_out``), each type-checked against its default."""
-    out = {name: f.get(name, _kind(fld.default)) for name, fld in cls.__dataclass_fields__.items() if name in f.data}
+    out = {
+        name: f.get(name, _kind(fld.default), fld.default)
+        for name, fld in cls.__dataclass_fields__.items()
+        if name in f.data
+    }
     for name in leave_out:
         out.pop(name, None)
         f.seen.discard(name)

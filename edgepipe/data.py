@@ -9,13 +9,29 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from edgepipe.config import EOS, resolve_data_file
-from edgepipe.errors import ModelError
+from edgepipe.errors import ModelError, UsageError
 
 
 def read_sentences(name: str, limit: int | None = None) -> list[str]:
-    """Non-empty lines of a data file (a name in calibration_data/ or a path), first ``limit`` of them."""
-    lines = [line.strip() for line in resolve_data_file(name).read_text(encoding="utf-8").splitlines()]
-    lines = [line for line in lines if line]
+    """Non-empty lines of a data file (a name in calibration_data/ or a path), first ``limit`` of them.
+
+    Raises:
+        UsageError: The file is missing, unreadable, not UTF-8, or has no non-empty line (training on it would
+            never finish an epoch).
+    """
+    path = resolve_data_file(name)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"Data file {path} is not UTF-8 text (byte {exc.start}: {exc.reason}).",
+            hint="Pass a UTF-8 text file, one sentence per line.",
+        ) from None
+    except OSError as exc:
+        raise UsageError(f"Cannot read data file {path} ({exc.strerror or exc}).") from None
+    lines = [line for line in (raw.strip() for raw in text.splitlines()) if line]
+    if not lines:
+        raise UsageError(f"Data file {path} has no non-empty lines.", hint="Pass a text file, one sentence per line.")
     return lines[:limit] if limit else lines
 
 

@@ -137,3 +137,46 @@ def test_edgepipe_recipes_adds_the_users_directories_before_the_shipped_ones(tmp
     monkeypatch.delenv("EDGEPIPE_RECIPES")
     with pytest.raises(UsageError, match="EDGEPIPE_RECIPES"):
         load_target("my-board")
+
+
+def test_nan_and_inf_are_refused_where_a_number_must_be_finite(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_recipe(DEFAULT_MODEL, ("distill.lr=nan", "quantize.fidelity_budget=inf", "validate.min_cosine=-inf"))
+    assert len(info.value.problems) == 3 and all("must be finite" in p for p in info.value.problems)
+    assert "(from --set distill.lr=nan)" in info.value.problems[0]
+    target = tmp_path / "t.toml"
+    shipped = Path(load_target("host-cpu").path).read_text()
+    target.write_text(shipped.replace('accelerator = "cpu"', 'accelerator = "cpu"\nclock_ghz = nan'))
+    with pytest.raises(ConfigError, match=r"'hardware' = .*nan.*must be finite"):
+        load_target(str(target))
+
+
+def test_mambas_infinite_dt_max_default_may_be_written_out():
+    recipe = load_recipe("tinylm-mamba", ("mamba.dt_max=inf",))
+    assert recipe.decoder.mamba["dt_max"] == float("inf")
+
+
+def test_ranges_a_build_needs_are_checked_with_the_other_problems():
+    with pytest.raises(ConfigError) as info:
+        load_recipe(DEFAULT_MODEL, ("distill.batch_size=0", "validate.samples=0", "quantize.method='mean'"))
+    problems = " ".join(info.value.problems)
+    assert "distill.batch_size = 0 needs >= 1" in problems and "validate.samples = 0 needs >= 1" in problems
+    assert "'quantize.method' = 'mean' is not one of minmax, percentile, entropy" in problems
+
+
+def test_a_toml_file_that_is_not_utf8_gets_one_line(tmp_path):
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes('description = "café"\n'.encode("latin-1"))
+    with pytest.raises(UsageError, match=r"latin1.toml is not UTF-8 text \(byte 18"):
+        load_recipe(str(bad))
+
+
+def test_an_empty_or_non_utf8_data_file_is_refused_before_training(tmp_path):
+    from edgepipe.data import read_sentences
+
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(UsageError, match="has no non-empty lines"):
+        read_sentences(str(tmp_path / "empty.txt"))
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UsageError, match="is not UTF-8 text"):
+        read_sentences(str(tmp_path / "latin1.txt"))

@@ -8,6 +8,7 @@ knows what a recipe lowers or how it measures fidelity.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
 import shutil
@@ -171,6 +172,11 @@ class Build:
         precision, budget = self.cfg.precision, self.recipe.quantize.fidelity_budget
         while True:
             tried = attempt(precision)
+            if not math.isfinite(tried.drop):  # NaN compares false both ways: it would ship as fp32
+                raise BuildError(
+                    f"The {precision} {family} gives non-finite outputs on held-back text ({measure}: {tried.drop}).",
+                    hint="A training setting diverged (distill.lr?); lower it and rebuild with --force.",
+                )
             if precision == "fp32" or tried.drop <= budget:
                 return tried
             nxt = fallback(precision, family)

@@ -25,13 +25,14 @@ import json
 import os
 import posixpath
 import re
-import secrets
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -50,6 +51,9 @@ RUNNER_ID = hashlib.sha256(json.dumps([RUNNER_SHA256, SHIPPED_SHA256], sort_keys
 MARKER = _runner.DEPLOY_MARKER
 CONNECT_TIMEOUT_S = 10.0
 RUN_TIMEOUT_S = 1800.0
+KEEPALIVE_INTERVAL_S = 15.0  # a device that misses KEEPALIVE_COUNT_MAX keepalives in a row is gone
+KEEPALIVE_COUNT_MAX = 4
+TRANSFER_BASE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -164,7 +168,14 @@ class _LocalTransport:
 
 
 class _SshTransport:
-    """asyncssh behind a synchronous face: one private event loop per connection."""
+    """asyncssh behind a synchronous face: one private event loop per connection.
+
+    Agent forwarding is always off (an ssh config's ``ForwardAgent yes`` would hand every device the user's keys);
+    keepalives close a connection whose device stopped answering, and every transfer has a deadline, so a dropped
+    device ends in one line instead of a hang. Each way a connection fails gets its own line: the name does not
+    resolve, nothing listens, no answer, not an SSH server, host key unknown or changed, keys refused, an identity
+    file that is encrypted or unreadable.
+    """
 
     def __init__(
         self,
@@ -191,40 +202,79 @@ class _SshTransport:
                 f"No known_hosts file at {known}, so the host key of {self.where} cannot be checked.",
                 hint=self._first_contact,
             )
-        options = {"known_hosts": str(known) if known else None, "connect_timeout": timeout}
+        options = {
+            "known_hosts": str(known) if known else None,
+            "connect_timeout": timeout,
+            "agent_forwarding": False,  # wins over ForwardAgent in ~/.ssh/config
+            "keepalive_interval": KEEPALIVE_INTERVAL_S,
+            "keepalive_count_max": KEEPALIVE_COUNT_MAX,
+        }
         if identity_file is not None:
-            options["client_keys"] = [str(Path(identity_file).expanduser())]
+            options["client_keys"] = [_identity(asyncssh, Path(identity_file).expanduser())]
         if device.user:
             options["username"] = device.user
+        reached = []  # the TCP connection is up once the client's connection_made has run
+        self._lost: list[str] = []  # why the connection went down (asyncssh's reason: an unanswered keepalive, ...)
+        lost = self._lost
+
+        class _Client(asyncssh.SSHClient):
+            def connection_made(self, conn) -> None:
+                reached.append(conn)
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                lost.append(getattr(exc, "reason", None) or str(exc or "closed by the device"))
+
         self._loop = asyncio.new_event_loop()
         try:
             self._conn = self._loop.run_until_complete(
-                asyncio.wait_for(asyncssh.connect(device.host, device.port, **options), timeout + 5)
+                asyncio.wait_for(
+                    asyncssh.connect(device.host, device.port, client_factory=_Client, **options), timeout + 5
+                )
             )
-        except asyncssh.HostKeyNotVerifiable as e:
+        except BaseException as e:
             self._loop.close()
-            raise self._host_key_error(known, e) from None
-        except asyncssh.PermissionDenied:
-            self._loop.close()
-            raise DeviceError(
-                f"Authentication failed for {self.where}: the server accepted none of the offered keys.",
+            raise self._connect_error(e, known, timeout, bool(reached)) from None
+
+    def _connect_error(self, e: BaseException, known: Path | None, timeout: float, reached: bool) -> BaseException:
+        """The one line for a failed connect (or ``e`` itself when it is no connection failure)."""
+        asyncssh, where, port = self._asyncssh, self.where, self._device.port
+        check = "Check the host and port in the device URL, and that the device is on."
+        if isinstance(e, asyncssh.HostKeyNotVerifiable):
+            return self._host_key_error(known, e)
+        if isinstance(e, asyncssh.PermissionDenied):
+            return DeviceError(
+                f"Authentication failed for {where}: the server accepted none of the offered keys.",
                 hint="Add your public key to ~/.ssh/authorized_keys on the device, load it into "
                 "ssh-agent, or pass an identity file.",
-            ) from None
-        except TimeoutError:
-            self._loop.close()
-            raise DeviceError(
-                f"{self.where} did not complete an SSH handshake within {timeout:g} s.",
-                hint="Check the host, port and network, or raise the timeout.",
-            ) from None
-        except (OSError, asyncssh.Error) as e:
-            self._loop.close()
-            errno = getattr(e, "errno", None)
-            reason = (os.strerror(errno) if errno else None) or getattr(e, "reason", None) or str(e) or type(e).__name__
-            raise DeviceError(
-                f"Cannot reach {self.where} over ssh: {reason}.",
-                hint="Check that the device is on, sshd runs, and the host and port are right.",
-            ) from None
+            )
+        if isinstance(e, socket.gaierror):
+            return DeviceError(f"Cannot resolve the host name {self._device.host!r}: {e.strerror}.", hint=check)
+        if isinstance(e, ConnectionRefusedError):
+            return DeviceError(
+                f"Cannot reach {where} over ssh: Connection refused (nothing listens on port {port}).",
+                hint="Check that sshd runs on the device and the port is right.",
+            )
+        if isinstance(e, TimeoutError | asyncssh.TimeoutError) and reached:
+            return DeviceError(
+                f"{where} did not complete an SSH handshake within {timeout:g} s (port {port} took the connection).",
+                hint="Check that the port is sshd's, or raise the timeout.",
+            )
+        if isinstance(e, TimeoutError | asyncssh.TimeoutError):
+            return DeviceError(
+                f"{where} did not answer on port {port} within {timeout:g} s (no reply: host down, wrong address, or "
+                "a firewall dropping it).",
+                hint=check,
+            )
+        if isinstance(e, asyncssh.ProtocolError | asyncssh.ConnectionLost) or reached and isinstance(e, OSError):
+            reason = getattr(e, "reason", None) or str(e) or type(e).__name__
+            return DeviceError(
+                f"{where} accepted the connection on port {port} but did not speak SSH: {reason}.",
+                hint="Check that the port is sshd's.",
+            )
+        if isinstance(e, OSError | asyncssh.Error):
+            reason = getattr(e, "strerror", None) or getattr(e, "reason", None) or str(e) or type(e).__name__
+            return DeviceError(f"Cannot reach {where} over ssh: {reason}.", hint=check)
+        return e
 
     def _host_key_error(self, known: Path, error: Exception) -> DeviceError:
         try:
@@ -241,15 +291,27 @@ class _SshTransport:
             )
         return DeviceError(f"The host key of {self.where} is not in {known} ({error}).", hint=self._first_contact)
 
-    def run(self, argv: list[str], timeout: float) -> tuple[int, str, str]:
+    def _wait(self, work, timeout: float, what: str):
+        """Run ``work`` on this connection's loop; a deadline or a dead connection is one DeviceError line."""
         try:
-            done = self._loop.run_until_complete(self._conn.run(shlex.join(argv), check=False, timeout=timeout))
+            return self._loop.run_until_complete(asyncio.wait_for(work, timeout))
         except (TimeoutError, self._asyncssh.TimeoutError):
-            raise DeviceError(
-                f"'{shlex.join(argv[:2])} ...' did not finish within {timeout:.0f} s on {self.where}."
-            ) from None
+            raise DeviceError(f"{what} did not finish within {timeout:.0f} s on {self.where}.") from None
         except (OSError, self._asyncssh.Error) as e:
-            raise DeviceError(f"Lost the ssh connection to {self.where}: {e}.") from None
+            reason = getattr(e, "reason", None) or str(e) or type(e).__name__
+            raise DeviceError(
+                f"Lost the ssh connection to {self.where} during {what}: {reason}.",
+                hint="The device stopped answering (keepalives unanswered) or dropped the link; check it and retry.",
+            ) from None
+
+    def run(self, argv: list[str], timeout: float) -> tuple[int, str, str]:
+        what = f"'{shlex.join(argv[:2])} ...'"
+        done = self._wait(self._conn.run(shlex.join(argv), check=False), timeout, what)
+        if done.exit_status is None and self._lost:  # the channel closed with the connection: no exit status came
+            raise DeviceError(
+                f"Lost the ssh connection to {self.where} during {what}: {self._lost[0]}.",
+                hint="The device stopped answering (keepalives unanswered) or dropped the link; check it and retry.",
+            )
         status = done.exit_status if done.exit_status is not None else 255
         return status, str(done.stdout or ""), str(done.stderr or "")
 
@@ -260,19 +322,46 @@ class _SshTransport:
                     await sftp.makedirs(os.path.dirname(remote) or ".", exist_ok=True)
                     await sftp.put(str(local), remote)
 
-        self._loop.run_until_complete(_put())
+        size = sum(local.stat().st_size for local, _ in pairs)
+        self._wait(_put(), _transfer_timeout(size), f"the copy of {len(pairs)} file(s)")
 
     def get(self, remote: str, local: Path) -> None:
         async def _get() -> None:
             async with self._conn.start_sftp_client() as sftp:
                 await sftp.get(remote, str(local))
 
-        self._loop.run_until_complete(_get())
+        self._wait(_get(), _transfer_timeout(0), f"fetching {remote}")
 
     def close(self) -> None:
         self._conn.close()
-        self._loop.run_until_complete(self._conn.wait_closed())
+        try:  # an abort: a dead device has nothing to say
+            self._loop.run_until_complete(asyncio.wait_for(self._conn.wait_closed(), KEEPALIVE_INTERVAL_S))
+        except (TimeoutError, OSError, self._asyncssh.Error):
+            pass
         self._loop.close()
+
+
+def _identity(asyncssh, path: Path):
+    """The private key of ``--identity``, read here so an encrypted or unreadable one is one line (edgepipe never
+    prompts for a passphrase)."""
+    try:
+        return asyncssh.read_private_key(str(path))
+    except FileNotFoundError:
+        raise UsageError(f"--identity {path} does not exist.", hint="Pass the path of a private key file.") from None
+    except OSError as e:
+        raise UsageError(f"Cannot read --identity {path} ({e.strerror}).", hint="Check its permissions.") from None
+    except asyncssh.KeyImportError as e:
+        if "assphrase" in str(e):
+            raise UsageError(
+                f"--identity {path} is encrypted with a passphrase, which edgepipe does not ask for.",
+                hint=f"Load it into ssh-agent (ssh-add {path}) and leave out --identity.",
+            ) from None
+        raise UsageError(f"--identity {path} is not a private key asyncssh can read ({e}).") from None
+
+
+def _transfer_timeout(nbytes: int) -> float:
+    """A copy's deadline: a minute, plus a second per MB at the slowest link we expect (1 MB/s)."""
+    return TRANSFER_BASE_S + nbytes / 1e6
 
 
 class _AdbTransport:
@@ -415,11 +504,9 @@ _COMMIT = (
     '[ -f "$s/$m" ] || exit 4; rm -rf "$o" || exit 5; if [ -e "$d" ]; then mv "$d" "$o" || exit 5; fi; '
     'mv "$s" "$d" || { [ -e "$o" ] && mv "$o" "$d"; exit 5; }; rm -rf "$o"'
 )
-# $1: the runner's directory, $2: a complete staged copy. A directory already holding the same files (another
-# bench on this device installed it first) is kept, so a runner started from it keeps its files; else replaced.
+# An existing runner directory of that id is kept (two deploys at once install the same files) unless "$3" = force.
 _RUNNER_INSTALL = (
-    '[ ! -L "$1" ] || exit 1; mv -T "$2" "$1" 2>/dev/null && exit 0; '
-    'if diff -r "$2" "$1" >/dev/null 2>&1; then rm -rf "$2"; else rm -rf "$1" && mv "$2" "$1"; fi'
+    '[ -L "$1" ] && exit 3; if [ -d "$1" ] && [ "$3" != force ]; then rm -rf "$2"; else rm -rf "$1" && mv "$2" "$1"; fi'
 )
 # Prints the interpreter's version; `import sys` reads no file, so the directory it starts in cannot matter.
 _PROBE = "import sys; print('.'.join(map(str, sys.version_info[:3])))"
@@ -500,19 +587,18 @@ def _runner_current(report: dict | None) -> bool:
     )
 
 
-def _install_runner(t: _Transport, device: DeviceURL, runner: str) -> None:
+def _install_runner(t: _Transport, device: DeviceURL, runner: str, force: bool = False) -> None:
     """Copy runner.py and the modules it ships with into the runner's own directory, all at once: they go to a
-    staging directory that is renamed into place, so a cut copy is never run."""
+    staging directory that is renamed into place, so a cut copy is never run. ``force`` replaces a damaged one."""
     runner_dir = posixpath.dirname(runner)
-    token = f"{os.getpid()}-{secrets.token_hex(4)}"  # several benches of one process may stage here at once
-    partial = f"{posixpath.dirname(runner_dir)}/.{posixpath.basename(runner_dir)}-{token}.partial"
+    partial = f"{posixpath.dirname(runner_dir)}/.{posixpath.basename(runner_dir)}-{uuid.uuid4().hex[:12]}.partial"
     files = [(RUNNER, f"{partial}/runner.py"), *((RUNNER.parent / n, f"{partial}/{n}") for n in _runner.SHIPPED)]
     try:
         t.put(files)
     except Exception as e:  # OSError, DeviceError, asyncssh.SFTPError
         t.run(["rm", "-rf", partial], 60)
         raise DeviceError(f"Copying runner.py to {device.where} failed: {e}.") from None
-    rc, _, err = t.run(["sh", "-c", _RUNNER_INSTALL, "sh", runner_dir, partial], 60)
+    rc, _, err = t.run(["sh", "-c", _RUNNER_INSTALL, "sh", runner_dir, partial, "force" if force else ""], 60)
     if rc != 0:
         t.run(["rm", "-rf", partial], 60)
         raise DeviceError(f"Cannot put runner.py into {runner_dir} on {device.where}: {err.strip() or 'a symlink'}")
@@ -607,8 +693,10 @@ def _deploy(
     manifest_sha = _runner.sha256_file(str(bundle / "manifest.json"))
     files, nbytes, copied = 0, 0, False
     rc, report, err = _run_verify(t, interpreter, runner, remote_dir, timeout)
-    if not in_place and not _runner_current(report):
-        _install_runner(t, device, runner)
+    for force in (False, True):  # a runner directory of this id that does not verify is replaced
+        if in_place or _runner_current(report):
+            break
+        _install_runner(t, device, runner, force)
         rc, report, err = _run_verify(t, interpreter, runner, remote_dir, timeout)
     current = (
         report is not None

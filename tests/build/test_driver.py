@@ -114,3 +114,9 @@ def test_the_driver_imports_no_torch():
     code = "import sys, edgepipe.build.driver; print(json.dumps(sorted(m for m in sys.modules if m == 'torch')))"
     out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
+
+
+def test_fit_precision_refuses_non_finite_outputs_instead_of_shipping_them(tmp_path):
+    build, tried = _build(tmp_path, "fp32"), []
+    with pytest.raises(BuildError, match=r"fp32 encoder gives non-finite outputs on held-back text"):
+        build.fit_precision(_recipe(build, {"fp32": float("nan")}, tried), ("fp32",), "encoder", "cos")

@@ -261,3 +261,181 @@ def test_adb_round_trip(bundle: Path, tmp_path: Path) -> None:
     python = "/data/local/tmp/python3"  # a device-side Python with numpy + onnxruntime, pushed beforehand
     path = remote.bench(bundle, f"adb://{serial}", runs=10, warmup=2, results_dir=tmp_path, python=python)
     assert json.loads(path.read_text())["check"]["passed"]
+
+
+# ----------------------------------------------------------------------------------------------- connection failures
+
+
+def _queue_full_port() -> tuple[socket.socket, list[socket.socket]]:
+    """A port whose accept queue is full: Linux drops further SYNs, so a connect gets no answer at all."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(server.getsockname())
+        fillers.append(s)
+    time.sleep(0.2)
+    return server, fillers
+
+
+def _one_shot_server(reply: bytes) -> socket.socket:
+    """A TCP server that answers every connection with ``reply`` and closes it (an HTTP server, say)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.sendall(reply)
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server
+
+
+def test_each_connection_failure_gets_its_own_line(sshd: SshServer, bundle: Path, tmp_path: Path) -> None:
+    def fails(url: str, **options) -> str:
+        with pytest.raises((DeviceError, UsageError)) as info:
+            remote.deploy(bundle, url, remote_dir=str(tmp_path / "d"), **{"timeout": 1.5, **options})
+        return str(info.value)
+
+    assert "Cannot resolve the host name 'nonexistent.invalid': Name or service not known" in fails(
+        "ssh://nobody@nonexistent.invalid", insecure_host_key=True
+    )
+    full, fillers = _queue_full_port()
+    try:
+        message = fails(f"ssh://nobody@127.0.0.1:{full.getsockname()[1]}", insecure_host_key=True)
+        assert "did not answer on port" in message and "within 1.5 s" in message, message
+    finally:
+        for s in [*fillers, full]:
+            s.close()
+    http = _one_shot_server(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+    try:
+        message = fails(f"ssh://nobody@127.0.0.1:{http.getsockname()[1]}", insecure_host_key=True)
+        assert "accepted the connection on port" in message and "did not speak SSH" in message, message
+    finally:
+        http.close()
+    locked = tmp_path / "locked_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "a passphrase", "-f", str(locked)], check=True)
+    message = fails(sshd.url, **ssh_options(sshd, identity_file=locked))
+    assert "is encrypted with a passphrase" in message and f"ssh-add {locked}" in message
+    assert "does not exist" in fails(sshd.url, **ssh_options(sshd, identity_file=tmp_path / "no-such-key"))
+    # refused, handshake timeout, bad auth and wrong or unknown host key: the tests above
+    assert not (tmp_path / "d").exists()
+
+
+def test_agent_forwarding_stays_off_when_the_ssh_config_asks_for_it(
+    sshd: SshServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    import asyncssh
+
+    agent_sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(agent_sock)], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not agent_sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        home = tmp_path / "home"
+        (home / ".ssh").mkdir(parents=True)
+        (home / ".ssh" / "config").write_text("Host *\n    ForwardAgent yes\n")
+        monkeypatch.setenv("HOME", str(home))
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(agent_sock))
+        probe = ["sh", "-c", "echo ${SSH_AUTH_SOCK:-none}"]
+
+        async def as_configured() -> str:  # the positive control: asyncssh alone follows the config
+            options = {"known_hosts": str(sshd.known_hosts), "client_keys": [str(sshd.identity)]}
+            async with asyncssh.connect(sshd.host, sshd.port, username=sshd.user, **options) as conn:
+                return (await conn.run(" ".join(probe[:2]) + " '" + probe[2] + "'")).stdout.strip()
+
+        assert asyncio.run(as_configured()).startswith("/")  # the device got a socket to the user's agent
+        device = remote.DeviceURL.parse(sshd.url)
+        options = {"known_hosts": sshd.known_hosts, "identity_file": sshd.identity, "timeout": 10.0}
+        with remote._connect(device, **options) as t:
+            rc, out, _ = t.run(probe, 30)
+        assert rc == 0 and out.strip() == "none"
+    finally:
+        agent.terminate()
+        agent.wait()
+
+
+class _Proxy:
+    """TCP between the client and sshd that can go silent: both directions stop, the sockets stay open (a device
+    that drops off the network without a reset)."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target, self.silent = target, threading.Event()
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen()
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        while not self.silent.is_set():
+            try:
+                data = src.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            if self.silent.is_set():
+                return
+            dst.sendall(data)
+        while True:  # silent: hold the sockets open, forward nothing
+            time.sleep(1)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_a_device_that_stops_answering_fails_in_one_line_not_a_hang(
+    sshd: SshServer, bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(remote, "KEEPALIVE_INTERVAL_S", 0.5)
+    monkeypatch.setattr(remote, "KEEPALIVE_COUNT_MAX", 2)
+    proxy = _Proxy((sshd.host, sshd.port))
+    known = tmp_path / "known_hosts"  # the proxy's port, sshd's key
+    known.write_text(sshd.known_hosts.read_text().replace(f"]:{sshd.port} ", f"]:{proxy.port} "))
+    started = tmp_path / "started"
+    python = tmp_path / "python"  # the device's interpreter: says when the timed runs start, then runs them
+    python.write_text(f'#!/bin/sh\ncase "$*" in *--runs*) touch {started};; esac\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    url = f"ssh://{sshd.user}@127.0.0.1:{proxy.port}"
+    options = {"known_hosts": known, "identity_file": sshd.identity, "python": str(python), "timeout": 10.0}
+    threading.Thread(target=_silence, args=(started, proxy), daemon=True).start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(DeviceError, match=r"Lost the ssh connection to .* during .*keepalive"):
+            remote.bench(
+                bundle, url, runs=20, remote_dir=str(tmp_path / "device"), results_dir=tmp_path / "r", **options
+            )
+        assert time.monotonic() - start < 60  # keepalives, not RUN_TIMEOUT_S (30 min)
+        assert not (tmp_path / "r").exists() or not list((tmp_path / "r").iterdir())
+    finally:
+        proxy.close()
+
+
+def _silence(started: Path, proxy: _Proxy) -> None:
+    deadline = time.monotonic() + 120
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proxy.silent.set()

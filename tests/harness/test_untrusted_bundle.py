@@ -334,3 +334,34 @@ def test_the_runner_knows_edgepipes_build_engine_py() -> None:
 def test_bundle_path_rules(rel: str, problem: str | None) -> None:
     found = runner.bundle_path_problem(rel)
     assert found is None if problem is None else problem in found
+
+
+def test_an_incomplete_or_mistyped_manifest_gets_one_line(tmp_path: Path) -> None:
+    """Every field of a real manifest removed, or given the wrong type, one at a time: inspect, check and a local
+    deploy each succeed or say what is wrong in one line; no traceback escapes (in-process, for speed)."""
+    from click.testing import CliRunner
+
+    from edgepipe.cli import cli
+
+    good = make_onnx_bundle(tmp_path / "good", target=load_target("host-cpu").to_dict())
+    manifest = json.loads((good / "manifest.json").read_text())
+    cases = [(key, None) for key in manifest] + [(key, ("x", [], 7)[i % 3]) for i, key in enumerate(manifest)]
+    cases += [(f"target.{key}", None) for key in manifest["target"]] + [("validation", {"atol": "loose"})]
+    deploy_reads = ("model", "kind", "runtime", "precision", "target", "graphs", "files", "target.name")
+    for n, (key, value) in enumerate(cases):
+        bundle = tmp_path / f"b{n}"
+        shutil.copytree(good, bundle)
+        broken = json.loads(json.dumps(manifest))
+        node, leaf = (broken["target"], key[7:]) if key.startswith("target.") else (broken, key)
+        node.pop(leaf) if value is None else node.__setitem__(leaf, value)
+        (bundle / "manifest.json").write_text(json.dumps(broken))
+        for args in (["inspect", str(bundle)], ["check", str(bundle)]):
+            result = CliRunner().invoke(cli, args)
+            assert result.exception is None or isinstance(result.exception, SystemExit), (key, value, args)
+            errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+            assert result.exit_code == 0 or len(errors) == 1, (key, value, args, result.output)
+        if key in deploy_reads:
+            try:
+                remote.deploy(bundle, "local", remote_dir=str(tmp_path / "device" / f"d{n}"))
+            except (BundleError, DeviceError, UsageError):
+                pass
