@@ -1,8 +1,10 @@
 """The encoder recipe: teacher -> (distill) -> lower -> validate -> latency -> bundle, each stage cached.
 
 Sentence encoders (edgepipe's own BERT re-implementation, ``models.transformer``) judged by the cosine of their
-embeddings to the teacher's on held-back text. The stages are plain functions (``stages/``); this module wires them
-through ``build.driver.Build``.
+embeddings to the teacher's on held-back text. A sentence-transformers teacher brings its modules (``models.sbert``):
+the graph computes its pooling, Dense layers and Normalize, text is cut at its ``max_seq_length`` (and lowercased
+where ``do_lower_case``), and the bundle's ``tokenizer.json`` does the same. The stages are plain functions
+(``stages/``); this module wires them through ``build.driver.Build``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from edgepipe.config import RunConfig, Target, resolve_data_file, resolve_teache
 from edgepipe.data import batches, encode, load_tokenizer, read_sentences
 from edgepipe.errors import BuildError, EdgepipeError, ModelError, UsageError
 from edgepipe.manifest import sha256_file
+from edgepipe.models.hf import checkpoint_key, read_config, task_head, tokenizer_file
+from edgepipe.models.sbert import read_modules, sentence_tokenizer
 from edgepipe.progress import Progress
 from edgepipe.runtimes import QuantInputs, get_runtime
 from edgepipe.stages.distill import distill, load_student, training_precision
@@ -47,21 +51,40 @@ class EncoderBuild:
         self.student_dir = student  # --student: a student `edgepipe distill` trained, maybe on another machine
         self.cfg, self.recipe, self.target, self.route = cfg, cfg.recipe, cfg.target, route
         self.teacher_dir = resolve_teacher(self.recipe)
-        self.tokenizer_path = self.teacher_dir / "tokenizer.json"
-        if not self.tokenizer_path.is_file():
-            raise ModelError(
-                f"'{self.teacher_dir}' has no tokenizer.json.", hint="Ship the fast tokenizer's tokenizer.json."
-            )
-        self.teacher_hash = checkpoint_hash(self.teacher_dir)
+        self.modules = read_modules(self.teacher_dir)  # sentence-transformers modules, None for a plain checkpoint
+        self.tokenizer_path = sentence_tokenizer(tokenizer_file(self.teacher_dir), self.modules, cache.root)
+        self.teacher_hash = checkpoint_key(self.teacher_dir)
         self.selection: dict | None = None  # the candidates measured when the target names several (select)
-        self.tok = load_tokenizer(self.tokenizer_path, self.recipe.validate.max_len)
         v = self.recipe.validate
+        self.tok = load_tokenizer(self.tokenizer_path, self.max_len(v.max_len))
         self.held_out = {
             "data": v.data,
             "sha256": sha256_file(resolve_data_file(v.data)),
             "samples": v.samples,
-            "max_len": v.max_len,
+            "max_len": self.max_len(v.max_len),
         }
+        self.notes()
+
+    def max_len(self, asked: int) -> int:
+        """Tokens per text: the recipe's, cut to the sentence-transformers model's ``max_seq_length``."""
+        limit = self.modules.max_seq_length if self.modules else None
+        return min(asked, limit) if limit else asked
+
+    def notes(self) -> None:
+        """One line each for what the bundle does not do the way its source does (prompts, a dropped head)."""
+        m, say = self.modules, self.build.progress.note
+        if m and m.prompts:
+            default = f"; encode() prepends {m.default_prompt_name!r} by default" if m.default_prompt_name else ""
+            say(
+                f"the model has prompts ({', '.join(m.prompts)}){default}: the bundle embeds the text it is given, "
+                "so prepend a prompt to the text yourself"
+            )
+        head = None if m else task_head(read_config(self.teacher_dir))
+        if head:
+            say(
+                f"{head}'s task head is dropped: edgepipe's encoder builds sentence embeddings; build the checkpoint "
+                "without --task (through Optimum) to keep it"
+            )
         self._teacher = None
 
     def teacher(self):
@@ -285,13 +308,13 @@ class EncoderBuild:
             "precision": precision,
             "quantize": q.__dict__,
             "calibration": sha256_file(resolve_data_file(q.calibration)),
+            **({"max_len": self.max_len(q.max_len)} if self.max_len(q.max_len) != q.max_len else {}),
         }
 
         def run(out: Path) -> dict:
+            calib_tok = load_tokenizer(self.tokenizer_path, self.max_len(q.max_len))
             quant = QuantInputs(
-                calibration=list(
-                    batches(load_tokenizer(self.tokenizer_path, q.max_len), calib_sentences, VALIDATE_BATCH)
-                ),
+                calibration=list(batches(calib_tok, calib_sentences, VALIDATE_BATCH)),
                 held_out=self.validation_batches(),
                 reference=model_ref,
                 config=q,
@@ -361,7 +384,7 @@ class EncoderBuild:
     def write_bundle(self, best: Attempt, latency: StageResult | None, model_loader) -> Bundle:
         lowered = best.lowered
         files = {name: lowered.dir / name for name in lowered.meta["files"].values()}
-        files["tokenizer.json"] = self.tokenizer_path
+        files["tokenizer.json"] = self.tokenizer_path  # the source's, cut and lowercased as sentence-transformers does
 
         def write_check(tmp: Path) -> None:
             check = encode(self.tok, read_sentences(self.recipe.validate.data, CHECK_SENTENCES))
@@ -393,8 +416,9 @@ class EncoderBuild:
             route=self.route,
             source_model={"path": str(self.teacher_dir), "hash": self.teacher_hash},
             graphs={"model": best.lowered.meta["files"]["model"]},
-            io=IO,
+            io={**IO, "max_seq_length": self.modules.max_seq_length} if self.modules else IO,
             fidelity=fidelity,
+            **({"sentence_transformers": self.modules.to_dict()} if self.modules else {}),
             **({"selection": self.selection} if self.selection else {}),
         )
 

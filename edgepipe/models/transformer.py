@@ -2,8 +2,10 @@
 
 The encoder is written to export cleanly: plain Linear layers, matmul + softmax attention (or any form from
 ``edgepipe.attention``), LayerNorm and erf-GELU in the order BERT uses them, so ONNX Runtime's transformer optimizer
-recognises and fuses the patterns. Mean pooling over the mask and L2 normalisation happen inside ``forward``, so an
-exported graph maps ``(input_ids, attention_mask)`` straight to ``sentence_embedding``.
+recognises and fuses the patterns. The sentence head runs inside ``forward``, so an exported graph maps
+``(input_ids, attention_mask)`` straight to ``sentence_embedding``: pooling over the mask (mean by default; the
+modes of sentence-transformers' ``Pooling``), an optional projection, sentence-transformers' ``Dense`` layers, and
+L2 normalisation (``Normalize``). ``models.sbert`` reads those modules from a sentence-transformers directory.
 """
 
 from __future__ import annotations
@@ -16,6 +18,22 @@ from torch import Tensor, nn
 
 from edgepipe.attention import AttentionSpec, get_attention
 
+# sentence-transformers' Pooling modes
+POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
+ACTIVATIONS = {"identity": nn.Identity, "tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "sigmoid": nn.Sigmoid}
+
+
+@dataclass(frozen=True)
+class DenseSpec:
+    """One sentence-transformers ``Dense`` layer: ``activation(linear(x))`` (+ x, or a bias-free map of x, with
+    ``residual``)."""
+
+    in_features: int
+    out_features: int
+    bias: bool = True
+    activation: str = "tanh"  # a key of ACTIVATIONS
+    residual: bool = False
+
 
 @dataclass(frozen=True)
 class EncoderConfig:
@@ -25,6 +43,9 @@ class EncoderConfig:
     Mamba-2 token mixer in place of self-attention. A student narrower than its teacher keeps the teacher's
     attention width (``inner``: heads x head dim, default ``hidden``) and maps its pooled state back to the
     teacher's embedding size (``output``, default none) with a bias-free projection.
+
+    The head: ``pooling`` (sentence-transformers' modes, concatenated in order), then per mode the projection, then
+    ``dense`` in order, then L2 normalisation where ``normalize``.
     """
 
     vocab_size: int = 30522
@@ -39,6 +60,27 @@ class EncoderConfig:
     pad_token_id: int = 0
     inner: int | None = None
     output: int | None = None
+    pooling: tuple[str, ...] = ("mean",)
+    dense: tuple[DenseSpec, ...] = ()
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        # JSON round trips (a student's config.json) give lists and dicts back
+        object.__setattr__(self, "pooling", tuple(self.pooling))
+        dense = tuple(d if isinstance(d, DenseSpec) else DenseSpec(**d) for d in self.dense)
+        object.__setattr__(self, "dense", dense)
+        bad = [m for m in self.pooling if m not in POOLING_MODES] + [
+            d.activation for d in dense if d.activation not in ACTIVATIONS
+        ]
+        if bad or not self.pooling:
+            raise ValueError(f"unknown pooling mode or activation {bad} (pooling {POOLING_MODES}, {list(ACTIVATIONS)})")
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of ``sentence_embedding``."""
+        if self.dense:
+            return self.dense[-1].out_features
+        return (self.output or self.hidden) * len(self.pooling)
 
     @property
     def attention_width(self) -> int:
@@ -107,9 +149,28 @@ class EncoderLayer(nn.Module):
         return self.ffn_norm(x + self.ffn_out(F.gelu(self.ffn_in(x))))
 
 
+class Dense(nn.Module):
+    """sentence-transformers' ``Dense``: x: (batch, in_features) -> (batch, out_features)."""
+
+    def __init__(self, spec: DenseSpec) -> None:
+        super().__init__()
+        self.linear = nn.Linear(spec.in_features, spec.out_features, bias=spec.bias)
+        self.activation = ACTIVATIONS[spec.activation]()
+        self.use_residual = spec.residual
+        if spec.residual and spec.in_features != spec.out_features:
+            self.residual = nn.Linear(spec.in_features, spec.out_features, bias=False)
+        else:
+            self.residual = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.activation(self.linear(x))
+        if self.use_residual:
+            out = out + (x if self.residual is None else self.residual(x))
+        return out
+
+
 class Encoder(nn.Module):
-    """Sentence encoder: embeddings, ``cfg.layers`` encoder layers, masked mean pooling (then ``cfg.output``'s
-    projection, if any) and L2 normalisation."""
+    """Sentence encoder: embeddings, ``cfg.layers`` encoder layers and the sentence head (``sentence_head``)."""
 
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
@@ -120,6 +181,7 @@ class Encoder(nn.Module):
         self.embedding_norm = nn.LayerNorm(cfg.hidden, eps=cfg.eps)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.layers))
         self.project = nn.Linear(cfg.hidden, cfg.output, bias=False) if cfg.output else None
+        self.dense = nn.ModuleList(Dense(spec) for spec in cfg.dense)
 
     def embed(self, input_ids: Tensor) -> Tensor:
         """input_ids: (batch, seq) -> (batch, seq, hidden), token type 0 everywhere (single-segment input)."""
@@ -137,29 +199,64 @@ class Encoder(nn.Module):
         return states
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """input_ids, attention_mask: (batch, seq) int64 -> sentence_embedding: (batch, output or hidden), unit
-        length."""
+        """input_ids, attention_mask: (batch, seq) int64 -> sentence_embedding: (batch, cfg.embedding_dim), unit
+        length where ``cfg.normalize``."""
         mask = attention_mask.to(torch.float32)
         x = self.embed(input_ids)
         for layer in self.layers:
             x = layer(x, mask)
-        return mean_pool_normalize(x, mask, self.project)
+        return self.head(x, mask)
+
+    def head(self, x: Tensor, mask: Tensor) -> Tensor:
+        """The last layer's states x: (batch, seq, hidden), mask: (batch, seq) float -> sentence_embedding."""
+        return sentence_head(x, mask, self.cfg, self.project, self.dense)
 
 
-def mean_pool_normalize(x: Tensor, mask: Tensor, project: nn.Module | None = None) -> Tensor:
-    """Masked mean over the sequence, then ``project`` (a linear map, so it may follow the mean), then L2
-    normalisation.
+def sentence_head(
+    x: Tensor, mask: Tensor, cfg: EncoderConfig, project: nn.Module | None = None, dense: nn.ModuleList | None = None
+) -> Tensor:
+    """Pool ``x`` with each of ``cfg.pooling``'s modes, project each, concatenate, apply ``dense``, L2-normalise.
+
+    Inputs are right-padded (edgepipe's tokenizers pad right), so the first token is CLS and the last real token
+    sits at ``sum(mask) - 1``; every mode computes what sentence-transformers' ``Pooling`` does on such a batch.
 
     Args:
         x: (batch, seq, hidden)
         mask: (batch, seq) float 1/0
 
     Returns:
-        (batch, hidden), or (batch, project's output) with a projection, with unit L2 norm.
+        (batch, cfg.embedding_dim)
     """
-    summed = torch.matmul(mask.unsqueeze(1), x).squeeze(1)
-    counts = mask.sum(dim=1, keepdim=True).clamp(min=1e-9)
-    pooled = summed / counts
-    if project is not None:
-        pooled = project(pooled)
-    return pooled / pooled.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    pooled = [pool(x, mask, mode) for mode in cfg.pooling]
+    if project is not None:  # a linear map: after a mean it equals the mean of the projected states
+        pooled = [project(p) for p in pooled]
+    out = pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=-1)
+    for layer in dense or ():
+        out = layer(out)
+    if cfg.normalize:
+        out = out / out.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    return out
+
+
+def pool(x: Tensor, mask: Tensor, mode: str) -> Tensor:
+    """One pooling mode of sentence-transformers over right-padded x: (batch, seq, hidden) -> (batch, hidden).
+
+    Sums over the sequence are matmuls with the mask (they export to one MatMul and delegate to XNNPACK).
+    """
+    if mode == "cls":
+        return x[:, 0]
+    if mode == "max":
+        return x.masked_fill(mask.unsqueeze(-1) == 0, float("-inf")).amax(dim=1)
+    if mode == "lasttoken":
+        last = mask.sum(dim=1, keepdim=True) - 1  # (batch, 1)
+        positions = torch.arange(x.shape[1], device=x.device, dtype=mask.dtype)
+        pick = (positions.unsqueeze(0) == last).to(x.dtype)  # one-hot (batch, seq)
+        return torch.matmul(pick.unsqueeze(1), x).squeeze(1)
+    weights = mask
+    if mode == "weightedmean":  # position weights 1..seq (right padding: they start at the first token)
+        weights = mask * torch.arange(1, x.shape[1] + 1, device=x.device, dtype=mask.dtype).unsqueeze(0)
+    summed = torch.matmul(weights.unsqueeze(1).to(x.dtype), x).squeeze(1)
+    counts = weights.sum(dim=1, keepdim=True).clamp(min=1e-9)
+    if mode == "mean_sqrt_len_tokens":
+        counts = counts.sqrt()
+    return summed / counts.to(summed.dtype)

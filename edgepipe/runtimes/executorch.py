@@ -254,7 +254,7 @@ def _lower_coreml(model, example, target, precision, out_dir) -> dict:
 
 # -- export -----------------------------------------------------------------------------------------------------------
 class HalfEncoder(nn.Module):
-    """An encoder with fp16 weights and compute: int64 ids and mask in, an fp32 unit-length embedding out.
+    """An encoder with fp16 weights and compute: int64 ids and mask in, an fp32 embedding out.
 
     ``Encoder.forward`` casts the mask to fp32, which would mix dtypes in a half model; this runs the same layers
     with an fp16 mask and pools in fp32 (a sum over up to 512 tokens). LayerNorms compute in fp32: XNNPACK does not
@@ -265,21 +265,23 @@ class HalfEncoder(nn.Module):
     def __init__(self, encoder: nn.Module) -> None:
         super().__init__()
         self.enc = copy.deepcopy(encoder).half()
-        # A narrow student's projection to the teacher's size runs in fp32 on the fp32 pooled state.
+        # The head (a narrow student's projection to the teacher's size, Dense layers) runs in fp32 on the fp32
+        # pooled state.
         self.project = copy.deepcopy(encoder.project).float() if encoder.project is not None else None
+        self.dense = copy.deepcopy(encoder.dense).float()
         for module in list(self.enc.modules()):
             for name, child in list(module.named_children()):
                 if isinstance(child, nn.LayerNorm):
                     setattr(module, name, Fp32LayerNorm(child))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        from edgepipe.models.transformer import mean_pool_normalize
+        from edgepipe.models.transformer import sentence_head
 
         mask = attention_mask.to(torch.float16)
         x = self.enc.embed(input_ids)
         for layer in self.enc.layers:
             x = layer(x, mask)
-        return mean_pool_normalize(x.float(), attention_mask.to(torch.float32), self.project)
+        return sentence_head(x.float(), attention_mask.to(torch.float32), self.enc.cfg, self.project, self.dense)
 
 
 class Fp32LayerNorm(nn.Module):

@@ -149,6 +149,8 @@ _WRITES_STREAM = ("out.weight", "out.bias", "ffn_out.weight", "ffn_out.bias")
 
 def _narrow(key: str, value: Tensor, basis: Tensor) -> Tensor:
     """Teacher tensor ``key`` of a student whose residual stream is the teacher's projected on ``basis``."""
+    if key.startswith("dense."):
+        return value  # sentence-transformers' Dense layers read the projection's output, the teacher's width
     if key.endswith(_READS_STREAM):
         return value @ basis
     if key.endswith(_WRITES_STREAM):
@@ -230,18 +232,18 @@ def teacher_targets(
 ) -> dict[str, np.ndarray]:
     """The teacher's targets for ``sentences``, computed in ``precision`` (see ``training_precision``), stored fp16.
 
-    ``embedding`` (n, hidden): sentence embeddings; ``pooled`` (n, layers, hidden): every layer's mean-pooled
-    hidden state (so one cache serves students cut from any layers); with ``tokens``, also the last layer's state
-    of every token, ragged: ``tokens`` (total, hidden) with sentence i at rows ``offsets[i]:offsets[i + 1]``.
-    Sentences run in order of length, so a batch pads
-    little (random batches of MiniLM's training text pad to ~2.7x their mean length); rows keep the order of
-    ``sentences``. ``shard`` (rank, world) computes every world-th batch only and leaves the other rows zero, so the
-    ranks' sum (``Ranks.sum_arrays``) is the whole set. The teacher runs on the device it is on.
+    ``embedding`` (n, embedding dim): the teacher's sentence embeddings (its own head), L2-normalised; ``pooled``
+    (n, layers, hidden): every layer's mean-pooled hidden state (so one cache serves students cut from any layers);
+    with ``tokens``, also the last layer's state of every token, ragged: ``tokens`` (total, hidden) with sentence i
+    at rows ``offsets[i]:offsets[i + 1]``. Sentences run in order of length, so a batch pads little (random batches
+    of MiniLM's training text pad to ~2.7x their mean length); rows keep the order of ``sentences``. ``shard``
+    (rank, world) computes every world-th batch only and leaves the other rows zero, so the ranks' sum
+    (``Ranks.sum_arrays``) is the whole set. The teacher runs on the device it is on.
     """
     dim = teacher.cfg.hidden
     lengths = token_lengths(tok, sentences)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    emb = np.zeros((len(sentences), dim), np.float16)
+    emb = np.zeros((len(sentences), teacher.cfg.embedding_dim), np.float16)
     pooled = np.zeros((len(sentences), teacher.cfg.layers, dim), np.float16)
     states_out = np.zeros((offsets[-1] if tokens else 0, dim), np.float16)
     order = np.argsort(lengths, kind="stable")
@@ -255,7 +257,7 @@ def teacher_targets(
             ids, mask = _tensors(tok, [sentences[r] for r in rows], device)
             with _autocast(precision, device):
                 states = [x.float() for x in teacher.hidden_states(ids, mask)]
-            emb[rows] = _pool_normalize(states[-1], mask).half().cpu().numpy()
+            emb[rows] = F.normalize(teacher.head(states[-1], mask).float(), dim=-1).half().cpu().numpy()
             pooled[rows] = torch.stack([_pool(x, mask) for x in states[1:]], 1).half().cpu().numpy()
             if tokens:
                 last = states[-1].half().cpu().numpy()
@@ -300,10 +302,6 @@ def _tensors(tok, sentences: list[str], device: torch.device = CPU) -> tuple[Ten
 
 def _pool(x: Tensor, mask: Tensor) -> Tensor:
     return (mask.unsqueeze(-1) * x).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
-
-
-def _pool_normalize(x: Tensor, mask: Tensor) -> Tensor:
-    return F.normalize(_pool(x, mask), dim=-1)
 
 
 def _lr(step: int, cfg: DistillConfig) -> float:
@@ -599,7 +597,7 @@ def _estimate(
 
 class HiddenStates(torch.nn.Module):
     """``Encoder.hidden_states`` and the sentence embedding as ``forward``, so DistributedDataParallel sees (and
-    syncs) every parameter the loss reaches, a narrow student's output projection included."""
+    syncs) every parameter the loss reaches, a narrow student's output projection and Dense layers included."""
 
     def __init__(self, encoder: Encoder) -> None:
         super().__init__()
@@ -607,10 +605,8 @@ class HiddenStates(torch.nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[list[Tensor], Tensor]:
         states = self.encoder.hidden_states(input_ids, attention_mask)
-        pooled = _pool(states[-1].float(), attention_mask)
-        if self.encoder.project is not None:
-            pooled = self.encoder.project(pooled)
-        return states, F.normalize(pooled.float(), dim=-1)
+        emb = self.encoder.head(states[-1].float(), attention_mask.float())  # pooling, projection, Dense layers
+        return states, F.normalize(emb.float(), dim=-1)  # the loss compares directions, normalised or not
 
 
 def _token_targets(targets: dict[str, np.ndarray], idx: np.ndarray, seq: int) -> Tensor:
