@@ -110,7 +110,10 @@ def cli(ctx: click.Context, debug: bool, quiet: bool, verbose: bool) -> None:
 
 @cli.command()
 @click.option(
-    "--model", "model", default=None, help="Recipe name (see `edgepipe models`), a recipe TOML, or a checkpoint dir."
+    "--model",
+    "model",
+    default=None,
+    help="Recipe name (see `edgepipe models`), a recipe TOML, a checkpoint dir, or a Hugging Face Hub id.",
 )
 @click.option(
     "--target", default="host-cpu", show_default=True, help="Target name (see `edgepipe targets`) or a TOML path."
@@ -138,6 +141,7 @@ def cli(ctx: click.Context, debug: bool, quiet: bool, verbose: bool) -> None:
     type=click.Path(path_type=Path, file_okay=False),
     help="A student `edgepipe distill` wrote (e.g. copied from a GPU machine): used once its recipe hash matches.",
 )
+@click.option("--revision", default=None, help="With a Hugging Face Hub id as --model: a branch, tag or commit.")
 def build(
     model: str | None,
     target: str,
@@ -150,6 +154,7 @@ def build(
     strict: bool,
     as_json: bool,
     student: Path | None,
+    revision: str | None,
 ) -> None:
     """Build a validated bundle for TARGET from MODEL: distill, swap attention, quantize, lower, validate.
 
@@ -159,6 +164,7 @@ def build(
       edgepipe build --target jetson-orin-nano
       edgepipe build --model edgepipe/recipes/models/minilm-windowed.toml --target android-arm64 --precision int8-fp16
       edgepipe build --model ~/ckpt/my-bert --set validate.samples=256
+      edgepipe build --model BAAI/bge-small-en-v1.5 --revision main   # a hub id (needs a reachable hub)
       edgepipe build --model ~/ckpt/my-gpt2 --target jetson-orin-nano   # non-BERT: through Optimum
     """
     from edgepipe.build import build
@@ -166,7 +172,7 @@ def build(
     from edgepipe.progress import Progress
 
     overrides = (*overrides, "validate.strict=true") if strict else tuple(overrides)
-    cfg = resolve_run_config(model, target, precision, out_dir, overrides, task=task)
+    cfg = resolve_run_config(model, target, precision, out_dir, overrides, task=task, revision=revision)
     if dry_run:
         if as_json:
             _document("build", dry_run=True, config=cfg.to_dict())

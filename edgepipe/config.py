@@ -12,12 +12,13 @@ import copy
 import json
 import math
 import os
+import re
 import tomllib
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from edgepipe.errors import ConfigError, ModelError, UsageError
+from edgepipe.errors import ConfigError, MissingExtraError, ModelError, UsageError
 from edgepipe.precisions import DECODER_PLANS
 from edgepipe.precisions import NAMES as PRECISIONS
 
@@ -788,8 +789,10 @@ def load_recipe(name_or_path: str, overrides: tuple[str, ...] = ()) -> ModelReci
         return recipe_from_dict(path.stem, data, str(path))
 
 
-def recipe_for_checkpoint(path: Path, overrides: tuple[str, ...] = ()) -> ModelRecipe:
-    """A recipe that ships a user's checkpoint directory as is (no student), named after the directory.
+def recipe_for_checkpoint(
+    path: Path, overrides: tuple[str, ...] = (), name: str | None = None, description: str | None = None
+) -> ModelRecipe:
+    """A recipe that ships a user's checkpoint directory as is (no student), named after the directory (or ``name``).
 
     Llama and Mamba2 checkpoints are decoders (edgepipe's own LLaMA-style and Mamba-2 models); anything else is an
     encoder recipe, routed to edgepipe's encoder or to Optimum by ``models.optimum.choose_route``.
@@ -799,9 +802,53 @@ def recipe_for_checkpoint(path: Path, overrides: tuple[str, ...] = ()) -> ModelR
     except (OSError, ValueError, AttributeError):
         model_type = None  # the route's own checks report a missing or broken config.json
     kind = "decoder" if model_type in DECODER_MODEL_TYPES else "encoder"
-    data = apply_overrides({"description": f"checkpoint {path}", "kind": kind, "teacher": str(path)}, overrides)
+    described = description or f"checkpoint {path}"
+    data = apply_overrides({"description": described, "kind": kind, "teacher": str(path)}, overrides)
     with _blaming(overrides):
-        return recipe_from_dict(path.name, data, str(path))
+        return recipe_from_dict(name or path.name, data, str(path))
+
+
+def _hub_offline() -> bool:
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as the Hugging Face Hub spells repo ids
+
+
+def hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    """The local snapshot of Hugging Face Hub model ``repo_id`` at ``revision`` (huggingface_hub's
+    ``snapshot_download``: downloaded where a hub is reachable, else from its cache).
+
+    Raises:
+        MissingExtraError: huggingface_hub is not installed.
+        UsageError: The hub cannot be reached (offline) and the cache lacks it, or it has no such model/revision.
+    """
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise MissingExtraError("huggingface_hub (for hub ids in --model)", "hf") from None
+    at = f" at revision {revision}" if revision else ""
+    try:
+        return Path(snapshot_download(repo_id, revision=revision))
+    except Exception as exc:  # huggingface_hub raises its own types per cause; each becomes one line below
+        kind = type(exc).__name__
+        if kind in ("RepositoryNotFoundError", "GatedRepoError"):
+            why = "the Hub has no such model (or it is private or gated: log in with `hf auth login`)"
+        elif kind == "RevisionNotFoundError":
+            why = f"the model has no revision {revision!r}"
+        elif _hub_offline():
+            why = "the Hub is off here (HF_HUB_OFFLINE is set) and the Hugging Face cache does not hold it"
+        else:
+            why = f"no hub is reachable to download it ({kind}) and the Hugging Face cache does not hold it"
+        raise UsageError(
+            f"--model {repo_id}{at}: {why}.",
+            hint="Pass a local checkpoint directory instead (download it where a hub is reachable: "
+            f"hf download {repo_id} --local-dir DIR), or a recipe name (see `edgepipe models`).",
+        ) from None
 
 
 @contextlib.contextmanager
@@ -913,11 +960,13 @@ def resolve_run_config(
     out_dir: Path | str,
     overrides: tuple[str, ...] = (),
     task: str | None = None,
+    revision: str | None = None,
 ) -> RunConfig:
     """Resolve CLI-level choices into a ``RunConfig``.
 
-    ``model`` is a recipe name, a recipe TOML or a checkpoint directory (None: the default recipe); ``precision``
-    None takes the target's default; ``task`` (checkpoint directories only) picks Optimum's export task.
+    ``model`` is a recipe name, a recipe TOML, a checkpoint directory or a Hugging Face Hub id (owner/name, at
+    ``revision``; see ``hub_snapshot``) (None: the default recipe); ``precision`` None takes the target's default;
+    ``task`` (checkpoint directories only) picks Optimum's export task.
     """
     tgt = load_target(target)
     model = model or DEFAULT_MODEL
@@ -929,7 +978,19 @@ def resolve_run_config(
         if not any(o.split("=", 1)[0].strip() == f"quantize.{k}" for o in overrides)
     )
     overrides = (*imposed, *overrides)
-    recipe = recipe_for_checkpoint(path, overrides) if path.is_dir() else load_recipe(model, overrides)
+    hub = not path.exists() and not model.endswith(".toml") and model not in model_names() and HUB_ID.match(model)
+    if revision and not hub:
+        raise UsageError(
+            f"--revision {revision} applies to a Hugging Face Hub id (owner/name); --model {model} is a recipe or a "
+            "local directory.",
+            hint="Drop --revision, or pass --model a hub id such as sentence-transformers/all-MiniLM-L6-v2.",
+        )
+    if hub:
+        snapshot = hub_snapshot(model, revision)
+        described = f"hub {model}" + (f" (revision {revision})" if revision else "") + f": {snapshot}"
+        recipe = recipe_for_checkpoint(snapshot, overrides, model.replace("/", "--"), described)
+    else:
+        recipe = recipe_for_checkpoint(path, overrides) if path.is_dir() else load_recipe(model, overrides)
     default = "fp32" if recipe.kind == "decoder" else tgt.precision  # decoders: quantized plans are opt-in
     # An encoder recipe on a target with candidates and no --precision: measured at build time (build.encoder)
     select = precision is None and bool(tgt.candidates) and recipe.kind == "encoder"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ from edgepipe.config import (
     target_names,
 )
 from edgepipe.errors import ConfigError, UsageError
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_every_shipped_target_and_model_loads():
@@ -180,3 +183,53 @@ def test_an_empty_or_non_utf8_data_file_is_refused_before_training(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     with pytest.raises(UsageError, match="is not UTF-8 text"):
         read_sentences(str(tmp_path / "latin1.txt"))
+
+
+# ------------------------------------------------------------------------------- Hugging Face Hub ids as --model
+def _edgepipe(args: list[str], hf_home, offline: bool = True):
+    """The CLI in a fresh process: huggingface_hub reads HF_HUB_OFFLINE when it is first imported."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1" if offline else "0"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [sys.executable, "-m", "edgepipe.cli", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_hub_id_offline_is_one_line_naming_it_and_the_way_out(tmp_path):
+    pytest.importorskip("huggingface_hub", reason="hub ids need huggingface_hub (the hf extra)")
+    run = _edgepipe(["build", "--model", "someorg/tiny-bert", "--revision", "v1.0", "--out", str(tmp_path)], tmp_path)
+    assert run.returncode == 2, run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: --model someorg/tiny-bert at revision v1.0: the Hub is off here (HF_HUB_OFFLINE is set) and the "
+        "Hugging Face cache does not hold it."
+    ]
+    assert "Pass a local checkpoint directory instead" in run.stderr and "Traceback" not in run.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even the cache folder
+
+
+def test_hub_id_resolves_to_its_snapshot_in_the_hugging_face_cache(tmp_path, tiny_checkpoint):
+    """A hub id whose snapshot huggingface_hub finds in its cache (as after a download) builds from it, named after
+    the id; --revision picks the commit."""
+    import shutil
+
+    pytest.importorskip("huggingface_hub", reason="hub ids need huggingface_hub (the hf extra)")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--someorg--tiny-bert"
+    shutil.copytree(tiny_checkpoint, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for revision in ([], ["--revision", commit]):
+        run = _edgepipe(["build", "--model", "someorg/tiny-bert", *revision, "--dry-run"], tmp_path / "hf")
+        assert run.returncode == 0, run.stderr
+        recipe = json.loads(run.stdout)["recipe"]
+        assert recipe["name"] == "someorg--tiny-bert" and recipe["teacher"].endswith(f"snapshots/{commit}")
+
+
+def test_revision_without_a_hub_id_is_a_usage_error():
+    with pytest.raises(UsageError, match="--revision main applies to a Hugging Face Hub id"):
+        resolve_run_config("minilm-teacher", "host-cpu", None, "artifacts", revision="main")

@@ -146,6 +146,32 @@ def test_choose_route_sends_bert_with_a_task_to_optimum(tmp_path, tiny_checkpoin
     assert route.path == "optimum" and "--task fill-mask" in route.why
 
 
+def test_choose_route_keeps_a_bert_task_head_through_optimum(tmp_path):
+    ckpt = _config_only(tmp_path, "bert", "BertForSequenceClassification")
+    route = choose_route(resolve_run_config(str(ckpt), "host-cpu", None, tmp_path), ckpt)
+    assert (route.path, route.model_type) == ("optimum", "bert")
+    assert "BertForSequenceClassification has a task head: Optimum exports it with the head" in route.why
+
+
+def test_bert_task_head_with_sentence_similarity_says_in_one_line_it_is_dropped(tmp_path, tiny_checkpoint):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from edgepipe.cli import cli
+
+    ckpt = shutil.copytree(tiny_checkpoint, tmp_path / "bert-cls")
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "architectures": ["BertForSequenceClassification"]}))
+    args = ["build", "--model", str(ckpt), "--task", "sentence-similarity", "--precision", "fp32"]
+    result = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "out"), *(f"--set={o}" for o in FAST)])
+    assert result.exit_code == 0, result.output
+    dropped = [line for line in result.output.splitlines() if "task head is dropped" in line]
+    assert len(dropped) == 1 and "BertForSequenceClassification" in dropped[0]
+    manifest = json.loads((tmp_path / "out" / "bert-cls" / "host-cpu" / "manifest.json").read_text())
+    assert manifest["route"]["path"] == "edgepipe" and "task head is dropped" in manifest["route"]["why"]
+
+
 def test_task_with_a_recipe_is_a_usage_error(tmp_path):
     cfg = resolve_run_config("minilm-teacher", "host-cpu", None, tmp_path, task="fill-mask")
     with pytest.raises(UsageError, match="--task fill-mask applies to checkpoint directories"):
@@ -208,6 +234,39 @@ def test_foreign_checkpoint_builds_for_host_cpu_within_1e4_of_transformers(tmp_p
     _assert_real_inputs(bundle.path, foreign[name], name)
     report = check_bundle(bundle.path)  # the bundle's check.npz in onnxruntime vs transformers' outputs
     assert report.passed and report.result["max_abs_error"] < 1e-4
+
+
+@needs_optimum
+def test_bert_classifier_keeps_its_head_and_gives_transformers_logits(tmp_path, teacher_dir):
+    import torch
+    import transformers
+
+    from edgepipe.data import read_sentences
+    from edgepipe.runtimes import onnxruntime as ort_rt
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "bert-cls"
+    config = transformers.BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=3
+    )
+    model = transformers.BertForSequenceClassification(config).eval()
+    model.save_pretrained(ckpt)
+    tok = transformers.AutoTokenizer.from_pretrained(str(teacher_dir))
+    tok.save_pretrained(ckpt)
+    bundle = _build(ckpt, "host-cpu", tmp_path / "out", "fp32")
+    m = bundle.manifest
+    assert m["route"]["path"] == "optimum" and "task head" in m["route"]["why"]
+    assert [o["name"] for o in m["io"]["outputs"]] == ["logits"]
+    text = read_sentences("calibration.txt", 8)
+    enc = tok(text, padding=True, truncation=True, max_length=32, return_tensors="np")
+    feeds = {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    names = {i["name"] for i in m["io"]["inputs"]}
+    out = ort_rt.load(bundle.path / "model.onnx").run({k: v for k, v in feeds.items() if k in names})["logits"]
+    with torch.no_grad():
+        ref = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
+    assert out.shape == (8, 3)
+    np.testing.assert_allclose(out, ref, atol=1e-4)
+    assert check_bundle(bundle.path).passed
 
 
 @needs_optimum
