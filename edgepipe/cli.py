@@ -691,7 +691,12 @@ def bench(bundle: Path, url: str | None, devices_file: Path | None, as_json: boo
 @cli.command()
 @click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a latency/fidelity plot (PNG).")
-@click.option("--html", "html_path", type=click.Path(path_type=Path), help="Write the table as HTML.")
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(path_type=Path),
+    help="Write an HTML page: the table, latency vs fidelity per target, latency per input shape.",
+)
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Write the table as CSV.")
 @json_option
 def compare(
@@ -701,7 +706,7 @@ def compare(
 
     \b
     Example:
-      edgepipe compare results/*.json --plot compare.png --csv compare.csv
+      edgepipe compare results/*.json --html compare.html --csv compare.csv
     """
     from edgepipe.harness import report
 

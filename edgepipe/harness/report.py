@@ -1,14 +1,20 @@
-"""Many ``edgepipe.bench/1`` JSONs -> one comparison: a rich table, CSV, HTML and a plot.
+"""Many ``edgepipe.bench/1`` JSONs -> one comparison: a rich table, CSV, an HTML page with its plots, and a plot.
 
 One row per result: model, target, device, precision, latency p50/p90, throughput, peak RSS, bundle size,
 fidelity (the on-device check against check.npz; the build's cosine vs the teacher where the manifest has it) and
 power where the device exposes it. Decoder rows time one decode step (p50/p90) and count generated tokens/s.
+
+The HTML page (``write_html``) is one self-contained file: the table, then two plots embedded as PNG data URIs
+(matplotlib, the ``plot`` extra): latency vs fidelity with one series per target, and p50 bars (p90 whiskers) per
+input shape. No script runs in it.
 """
 
 from __future__ import annotations
 
+import base64
 import csv
 import html
+import io
 import json
 from pathlib import Path
 
@@ -197,27 +203,120 @@ def write_csv(results: list[dict], path: Path) -> Path:
 
 
 def write_html(results: list[dict], path: Path) -> Path:
-    """A self-contained HTML page with the comparison table (every value escaped)."""
+    """A self-contained HTML page: the comparison table (every value escaped) and its plots (``page_figures``; a
+    line saying matplotlib is missing where it is)."""
     path = Path(path)
     head = "".join(f"<th>{html.escape(h)}</th>" for h, _, _ in COLUMNS)
     body = []
-    for result in results:
+    for i, result in enumerate(results, start=1):
         values = row(result)
         failed = ' class="fail"' if result["check"].get("passed") is False else ""
         cells = "".join(f"<td>{html.escape(_cell(fmt, values[k]))}</td>" for _, k, fmt in COLUMNS)
-        body.append(f"<tr{failed}>{cells}</tr>")
+        body.append(f"<tr{failed}><td>{i}</td>{cells}</tr>")
+    try:
+        figures = "\n".join(
+            f'<figure><img alt="{html.escape(title)}" width="{w}" height="{h}" '
+            f'src="data:image/png;base64,{base64.b64encode(png).decode()}"><figcaption>{html.escape(title)}'
+            "</figcaption></figure>"
+            for title, png, (w, h) in page_figures(results)
+        )
+    except MissingExtraError as exc:
+        figures = f"<p>{html.escape(exc.message)} {html.escape(exc.hint or '')}</p>"
     page = (
-        '<!doctype html>\n<html><head><meta charset="utf-8"><title>edgepipe bench</title>\n<style>'
+        '<!doctype html>\n<html><head><meta charset="utf-8"><title>edgepipe bench</title>\n'
+        '<link rel="icon" href="data:,">\n<style>'
         "body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
-        "td{text-align:right}td:nth-child(-n+4){text-align:left}tr.fail{background:#fdd}</style></head>\n"
-        f"<body><h1>edgepipe bench</h1>\n<table><thead><tr>{head}</tr></thead>\n<tbody>\n"
+        "td{text-align:right}td:nth-child(-n+5){text-align:left}tr.fail{background:#fdd}"
+        "figure{display:inline-block;margin:16px 16px 0 0}img{max-width:100%;height:auto}</style></head>\n"
+        f"<body><h1>edgepipe bench</h1>\n<table><thead><tr><th>#</th>{head}</tr></thead>\n<tbody>\n"
         + "\n".join(body)
-        + "\n</tbody></table></body></html>\n"
+        + f"\n</tbody></table>\n{figures}\n</body></html>\n"
     )
     tmp = path.with_name(f".{path.name}.partial")
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def shape_label(result: dict) -> str:
+    """The timed input shape of a result: ``batch x seq`` (encoders), ``decode @ context N`` (decoders)."""
+    contexts = (result.get("decoder") or {}).get("contexts") or []
+    if contexts:
+        return f"decode @ context {contexts[0].get('context')}"
+    shapes = [v.get("shape") for v in (result.get("inputs") or {}).values() if isinstance(v, dict)]
+    return " x ".join(map(str, shapes[0])) if shapes and shapes[0] else "?"
+
+
+def _png(fig) -> tuple[bytes, tuple[int, int]]:
+    buf = io.BytesIO()
+    dpi = 100
+    fig.savefig(buf, format="png", dpi=dpi)
+    w, h = fig.get_size_inches()
+    return buf.getvalue(), (int(w * dpi), int(h * dpi))
+
+
+def page_figures(results: list[dict]) -> list[tuple[str, bytes, tuple[int, int]]]:
+    """The HTML page's plots as (title, PNG bytes, (width, height) px): latency vs fidelity per target, and p50 per
+    input shape (bars; whiskers to p90). Points and bars are numbered by table row.
+
+    Fidelity is the build's mean cosine vs the teacher where the manifest has it, else the on-device check's min
+    cosine against check.npz (the axis label says which the page shows).
+
+    Raises:
+        MissingExtraError: matplotlib is not installed (the ``plot`` extra).
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise MissingExtraError("matplotlib (for the plots of --html)", "plot") from None
+    rows = [row(r) for r in results]
+    teacher = any(r["teacher_cos"] is not None for r in rows)
+    by_target: dict[str, list[tuple[float, float, int]]] = {}
+    for i, (r, res) in enumerate(zip(rows, results), start=1):
+        fid = r["teacher_cos"] if teacher else res["check"].get("min_cosine")
+        if fid is not None and r["p50_ms"] is not None:
+            by_target.setdefault(str(r["target"]), []).append((r["p50_ms"], fid, i))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    for target, points in by_target.items():
+        ax.scatter([p[0] for p in points], [p[1] for p in points], label=target, s=40)
+        for x, y, i in points:
+            ax.annotate(str(i), (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    if by_target:
+        ax.legend(title="target", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no result has both a latency and a fidelity", ha="center", transform=ax.transAxes)
+    ax.ticklabel_format(axis="y", useOffset=False)
+    ax.set_xlabel("p50 latency, ms")
+    ax.set_ylabel("mean cosine vs teacher (build)" if teacher else "min cosine vs check.npz (on device)")
+    ax.set_title("latency vs fidelity, per target")
+    fig.tight_layout()
+    scatter = _png(fig)
+
+    shapes = list(dict.fromkeys(shape_label(r) for r in results))
+    fig = Figure(figsize=(max(9, 1.2 * len(results) + 5), 4.5))
+    ax = fig.subplots()
+    width = 0.8 / max(1, max(sum(shape_label(r) == s for r in results) for s in shapes))
+    for x, shape in enumerate(shapes):
+        members = [i for i, r in enumerate(results) if shape_label(r) == shape]
+        for j, i in enumerate(members):
+            p50, p90 = rows[i]["p50_ms"] or 0.0, rows[i]["p90_ms"] or 0.0
+            pos = x + width * (j - (len(members) - 1) / 2)
+            label = f"{i + 1}: {rows[i]['model']} / {rows[i]['target']} / {rows[i]['precision']}"
+            whisker = [[0.0], [max(p90 - p50, 0.0)]]
+            ax.bar(pos, p50, width * 0.9, yerr=whisker, capsize=3, color=f"C{i % 10}", label=label)
+            ax.annotate(
+                str(i + 1), (pos, max(p50, p90)), ha="center", fontsize=8, xytext=(0, 3), textcoords="offset points"
+            )
+    ax.set_xticks(range(len(shapes)), shapes)
+    ax.set_xlabel("input shape")
+    ax.set_ylabel("latency ms (bar p50, whisker p90)")
+    ax.set_title("latency per input shape (numbers = table row)")
+    ax.margins(y=0.15)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    bars = _png(fig)
+    return [("latency vs fidelity, per target", *scatter), ("latency per input shape", *bars)]
 
 
 def plot(results: list[dict], path: Path) -> Path:
