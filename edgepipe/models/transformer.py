@@ -245,8 +245,9 @@ def pool(x: Tensor, mask: Tensor, mode: str) -> Tensor:
     """
     if mode == "cls":
         return x[:, 0]
-    if mode == "max":
-        return x.masked_fill(mask.unsqueeze(-1) == 0, float("-inf")).amax(dim=1)
+    if mode == "max":  # masked over (batch, hidden, seq): a (batch, seq, 1) mask does not lower to XNNPACK
+        keep = mask.unsqueeze(1) != 0
+        return x.transpose(1, 2).masked_fill(~keep, float("-inf")).amax(dim=-1)
     if mode == "lasttoken":
         last = mask.sum(dim=1, keepdim=True) - 1  # (batch, 1)
         positions = torch.arange(x.shape[1], device=x.device, dtype=mask.dtype)

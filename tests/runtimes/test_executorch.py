@@ -145,6 +145,19 @@ def test_narrow_student_with_its_projection_lowers_and_matches_eager(tmp_path, t
     assert all(lp["delegated"] for lp in lowered.report["plan"])
 
 
+def test_sentence_transformers_head_lowers_to_xnnpack_and_matches_eager(tmp_path, tok, batch):
+    """max + CLS pooling concatenated, then a Dense layer (models.sbert's head), in the fp16 graph."""
+    from edgepipe.models.transformer import DenseSpec, Encoder, EncoderConfig
+
+    torch.manual_seed(0)
+    dense = (DenseSpec(128, 48, True, "tanh"),)
+    model = Encoder(EncoderConfig(hidden=64, layers=1, heads=4, ffn=128, pooling=("max", "cls"), dense=dense)).eval()
+    lowered = et.lower_encoder(model, batch, load_target("android-arm64"), "fp16", tmp_path)
+    out = et.load(lowered.files["model"]).run(batch)["sentence_embedding"]
+    assert out.shape == (len(batch["input_ids"]), 48)
+    assert compare(out, embed_torch(model, [batch]))["min_cosine"] > 0.999
+
+
 def test_lower_encoder_rejects_a_precision_the_backend_cannot_lower(tmp_path, batch):
     with pytest.raises(BuildError, match="ethos-u55-128 .*cannot lower precision 'fp32'"):
         et.lower_encoder(tiny_encoder(layers=1), batch, load_target("ethos-u55-128"), "fp32", tmp_path)
