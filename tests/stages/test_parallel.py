@@ -189,9 +189,10 @@ def test_accelerate_launch_trains_as_two_ranks(recipe, one_process, tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device here: the GPU path (the rank's GPU, bf16 autocast) needs one"
+)
 def test_distill_trains_on_the_gpu_with_bf16_where_it_has_it(recipe, one_process, tmp_path):
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device here: the GPU path (NCCL, the rank's device, bf16 autocast) needs one")
     from edgepipe.build import distill
 
     cfg = resolve_run_config(str(recipe), "host-cpu", None, tmp_path / "art")
