@@ -108,12 +108,41 @@ class _Fields:
                 self.problems.append(f"unknown key '{self.where}{key}'")
 
 
+# CPU features a target may declare (``[onnxruntime] cpu_features``): the /proc/cpuinfo flags that pick ORT's int8
+# kernels, and "host" for this machine's own, read when the build runs.
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "asimddp", "i8mm")
+
+
 @dataclass(frozen=True)
 class OnnxRuntimeOptions:
     """The ``[onnxruntime]`` table of a target."""
 
     providers: list = field(default_factory=lambda: ["CPUExecutionProvider"])
     fuse: bool = True  # ORT's transformer fusions (Attention, SkipLayerNormalization, BiasGelu)
+    # The target CPU's features that decide int8 choices (avx512_vnni / avx_vnni: full-range int8 weights); none
+    # declared: the choices safe on every x86-64 CPU. "host": this machine's (Target.cpu_features resolves it).
+    cpu_features: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        bad = [f for f in self.cpu_features if f != "host" and f not in CPU_FEATURES]
+        if bad:
+            raise UsageError(
+                f"cpu_features {bad} are not known; accepted: host, {', '.join(CPU_FEATURES)} (/proc/cpuinfo flags)."
+            )
+
+
+def host_cpu_features() -> tuple[str, ...]:
+    """The ``CPU_FEATURES`` this machine's CPU has (x86 ``flags`` / Arm ``Features`` of /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            have = set(value.split())
+            return tuple(f for f in CPU_FEATURES if f in have)
+    return ()
 
 
 @dataclass(frozen=True)
@@ -219,6 +248,14 @@ class Target:
             candidates=(),
             candidate_options={},
         )
+
+    @property
+    def cpu_features(self) -> tuple[str, ...]:
+        """The CPU features this target's int8 choices follow: those its runtime table declares, with "host"
+        replaced by this machine's. Part of the lowering's cache key and recorded in the manifest."""
+        declared = getattr(self.runtime_options, "cpu_features", None) or []
+        found = set(declared) - {"host"} | (set(host_cpu_features()) if "host" in declared else set())
+        return tuple(f for f in CPU_FEATURES if f in found)
 
     @property
     def options(self) -> dict:

@@ -255,6 +255,7 @@ class DecoderBuild:
             "model": model_hash,
             "runtime": target.runtime,
             "options": target.options,
+            "cpu_features": target.cpu_features,  # int8 choices follow them (runtimes.onnxruntime)
             "precision": precision,
             "kv_cache": kv,
             "calibration": {"data": quant.calibration, "method": quant.method} if static else None,

@@ -305,6 +305,7 @@ class EncoderBuild:
             "model": model_hash,
             "runtime": target.runtime,
             "options": target.options,
+            "cpu_features": target.cpu_features,  # int8 choices follow them (runtimes.onnxruntime)
             "precision": precision,
             "quantize": q.__dict__,
             "calibration": sha256_file(resolve_data_file(q.calibration)),

@@ -513,6 +513,7 @@ class OptimumBuild:
             "export": export.key,
             "runtime": target.runtime,
             "options": target.options,
+            "cpu_features": target.cpu_features,  # int8 choices follow them (runtimes.onnxruntime)
             "precision": precision,
             "quantize": q.__dict__ if static else None,
         }
@@ -524,7 +525,7 @@ class OptimumBuild:
 
                 report = {
                     "exporter": export.meta["exporter"],
-                    **ort_rt.apply_precision(src, out / "model.onnx", precision),
+                    **ort_rt.apply_precision(src, out / "model.onnx", precision, target=target),
                 }
                 files = {"model": "model.onnx"}
             else:

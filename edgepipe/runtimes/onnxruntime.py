@@ -24,10 +24,10 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
-from edgepipe.config import Target
+from edgepipe.config import Target, host_cpu_features
 from edgepipe.errors import BuildError
 from edgepipe.precisions import STATIC
-from edgepipe.runtimes import Lowered, QuantInputs, cpu_has_vnni
+from edgepipe.runtimes import Lowered, QuantInputs
 from edgepipe.runtimes import decoder_graphs as dg
 
 OPSET = 17
@@ -62,6 +62,29 @@ def host_arch() -> str:
 def same_machine(target: Target) -> bool:
     """Whether latency measured here says something about the target (same arch, CPU provider)."""
     return can_run_here(target)[0] and target.arch in ("", host_arch())
+
+
+VNNI = ("avx512_vnni", "avx_vnni")
+
+
+def int8_kernels(target: Target | None) -> dict:
+    """Which of ORT's x86 int8 kernels a bundle for ``target`` may rely on: the target's declared CPU features decide,
+    never the building machine's (a bundle built on a VNNI host must not saturate on a target without VNNI).
+
+    Without VNNI ORT's x86 int8 GEMM multiplies u8 x s8 pairs into saturating 16-bit sums; 7-bit weights
+    (``reduce_range``) or u8 x u8 avoid that. The host only validates: where the target declares VNNI and this
+    machine has none, the held-back drop measured here runs the saturating kernel and overstates the target's.
+    """
+    features = list(target.cpu_features) if target is not None else []
+    vnni = any(f in features for f in VNNI)
+    host = host_cpu_features()
+    kernels = {"cpu_features": features, "vnni": vnni, "host_cpu_features": list(host)}
+    if vnni and not any(f in host for f in VNNI):
+        kernels["validated_here"] = (
+            "this machine has no VNNI: its u8 x s8 kernel can saturate where the target's "
+            "does not, so the held-back drop measured here is pessimistic"
+        )
+    return kernels
 
 
 def export_onnx(
@@ -181,19 +204,25 @@ def lower_encoder(
             report["fusion_note"] = "Attention not fused: static int8 needs the Q/K/V projections as plain MatMuls"
     path = out_dir / "model.onnx"
     flavor = ort_qdq_flavor(target) if static else None
-    report.update(apply_precision(fp32_path, path, precision, quant=quant, flavor=flavor))
+    report.update(apply_precision(fp32_path, path, precision, quant=quant, flavor=flavor, target=target))
     fp32_path.unlink()
     report["ops"] = dict(Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node))
     return Lowered(files={"model": path}, report=report)
 
 
 def apply_precision(
-    src: Path, dst: Path, precision: str, quant: QuantInputs | None = None, flavor: QdqFlavor | None = None
+    src: Path,
+    dst: Path,
+    precision: str,
+    quant: QuantInputs | None = None,
+    flavor: QdqFlavor | None = None,
+    target: Target | None = None,
 ) -> dict:
     """Write ``src`` at ``precision`` to ``dst`` with ORT's own tooling; return what was done.
 
     Static plans (``w8a8``, ``int8-fp16``) need ``quant`` (calibration + held-back data) and use ``flavor``
-    (default: ONNX Runtime's CPU flavour for this machine).
+    (default: ONNX Runtime's CPU flavour for ``target``). Int8 choices follow ``target``'s declared CPU features
+    (``int8_kernels``); no target: the choices safe on every x86-64 CPU.
     """
     if precision == "fp32":
         dst.write_bytes(src.read_bytes())
@@ -208,7 +237,8 @@ def apply_precision(
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         # Without VNNI, u8 activations x s8 weights can saturate the 16-bit accumulators: keep 7-bit weights there.
-        reduce_range = not cpu_has_vnni()
+        kernels = int8_kernels(target)
+        reduce_range = not kernels["vnni"]
         with _quiet_ort_logging():
             quantize_dynamic(
                 str(src),
@@ -219,11 +249,11 @@ def apply_precision(
                 # ORT's shape inference cannot type the outputs of fused contrib ops (Attention, SkipLayerNorm).
                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
             )
-        return {"precision": "int8-dynamic", "per_channel": True, "reduce_range": reduce_range}
+        return {"precision": "int8-dynamic", "per_channel": True, "reduce_range": reduce_range, "int8_kernels": kernels}
     if precision in STATIC:
         if quant is None:
             raise quant_required_error(precision)
-        return quantize_static_plan(src, dst, precision, quant, flavor or ort_qdq_flavor(None))
+        return quantize_static_plan(src, dst, precision, quant, flavor or ort_qdq_flavor(target))
     raise BuildError(f"Runtime onnxruntime cannot lower precision '{precision}'; it lowers {', '.join(precisions())}.")
 
 
@@ -260,6 +290,7 @@ class QdqFlavor:
     reduce_range: bool
     extra_options: dict = field(default_factory=dict)
     session_config: dict = field(default_factory=dict)  # ORT session config entries for measuring candidates
+    kernels: dict = field(default_factory=dict)  # int8_kernels(target): the CPU features the choice followed
     float_precision: str = "fp16"  # what int8-fp16 gives the layers it keeps out of int8
     float_runs_as: str = "fp32"
     float_note: str = ""
@@ -267,7 +298,8 @@ class QdqFlavor:
 
 
 def ort_qdq_flavor(target: Target | None) -> QdqFlavor:
-    """ONNX Runtime's static int8 for this CPU: U8 activations; S8 weights with VNNI, else U8 weights.
+    """ONNX Runtime's static int8 for the target's CPU: U8 activations; S8 weights where the target declares VNNI,
+    else U8 weights.
 
     Without VNNI ORT's x86 int8 GEMM multiplies u8 x s8 pairs into saturating 16-bit sums (reduce_range's 7-bit
     weights avoid that at the cost of a bit) and its S8S8 path gives wrong results; u8 x u8 takes a non-saturating
@@ -275,7 +307,8 @@ def ort_qdq_flavor(target: Target | None) -> QdqFlavor:
     """
     providers = (target.runtime_options.providers if target else None) or ["CPUExecutionProvider"]
     cpu_only = all(p == "CPUExecutionProvider" for p in providers)
-    vnni = cpu_has_vnni()
+    kernels = int8_kernels(target)
+    vnni = kernels["vnni"]
     return QdqFlavor(
         runtime="onnxruntime",
         activation_type="uint8",
@@ -287,10 +320,12 @@ def ort_qdq_flavor(target: Target | None) -> QdqFlavor:
         if cpu_only
         else ", runs fp32 (fp16 conversion of the float part is not implemented for GPU providers yet)",
         why=(
-            "this CPU has VNNI: u8 activations x s8 weights"
+            "the target declares VNNI: u8 activations x s8 weights"
             if vnni
-            else "this CPU has no VNNI: u8 activations x u8 weights (ORT's s8 paths saturate or are wrong here)"
+            else "the target declares no VNNI: u8 activations x u8 weights (ORT's s8 paths saturate or are wrong "
+            "without it)"
         ),
+        kernels=kernels,
     )
 
 
@@ -334,7 +369,9 @@ class _Candidates:
         return np.concatenate([session.run(None, f)[0] for f in feeds]).astype(np.float32)
 
 
-def export_decoder_graph(model: nn.Module, inputs: tuple[Tensor, ...], precision: str, path: Path) -> dict:
+def export_decoder_graph(
+    model: nn.Module, inputs: tuple[Tensor, ...], precision: str, path: Path, target: Target | None = None
+) -> dict:
     """One decoder step graph (runtimes.decoder_graphs) as ONNX at ``precision``; the report of what it holds."""
     from edgepipe.models.decoder import DecodeGraph
 
@@ -344,7 +381,7 @@ def export_decoder_graph(model: nn.Module, inputs: tuple[Tensor, ...], precision
     export_onnx(DecodeGraph(model), inputs, fp32, names, outputs, {})
     plan = {"a8w16": "fp32"}.get(precision, precision)  # a8w16: fp32 weights over the INT8 cache (the module's own)
     try:
-        done = apply_precision(fp32, path, plan)
+        done = apply_precision(fp32, path, plan, target=target)
     finally:
         fp32.unlink(missing_ok=True)
     graph = onnx.load(str(path), load_external_data=False).graph
@@ -366,7 +403,7 @@ def lower_decoder(
     The arguments are ``runtimes.Runtime.lower_decoder``'s; static plans are TensorRT's, so calibration, method,
     fit and budget go unused here.
     """
-    export = partial(export_decoder_graph, model, precision=precision)
+    export = partial(export_decoder_graph, model, precision=precision, target=target)
     files, report = dg.write_graphs(model, target, precision, out_dir, calibration, ".onnx", export)
     files["weights"] = dg.share_weights([files["prefill"], files["decode"]], out_dir / "weights.bin")
     report["shared_weights"] = {"file": "weights.bin", "bytes": files["weights"].stat().st_size}
@@ -457,6 +494,7 @@ def quantize_static_plan(src: Path, dst: Path, precision: str, quant: QuantInput
                 "reduce_range": flavor.reduce_range,
                 "gemm_outputs_quantized": False,
                 "why": flavor.why,
+                **({"int8_kernels": flavor.kernels} if flavor.kernels else {}),
                 **({"notes": notes} if notes else {}),
             },
         }

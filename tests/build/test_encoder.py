@@ -9,7 +9,7 @@ import pytest
 
 from edgepipe.build import build
 from edgepipe.bundle import check_bundle, open_bundle, text_fidelity
-from edgepipe.config import resolve_data_file, resolve_run_config
+from edgepipe.config import TARGETS_DIR, resolve_data_file, resolve_run_config
 from edgepipe.errors import BuildError, BundleError, ModelError, UsageError
 
 FAST = ("validate.samples=48", "validate.max_len=64")
@@ -188,3 +188,20 @@ def test_explicit_precision_builds_the_targets_own_runtime(tmp_path):
     target = tmp_path / "selecting.toml"
     target.write_text(SELECTING)
     assert not resolve_run_config("minilm-teacher", str(target), "fp32", tmp_path / "out").select_runtime
+
+
+def test_int8_choices_follow_the_target_and_are_in_the_cache_key_and_manifest(tmp_path, tiny_checkpoint):
+    vnni = tmp_path / "x86-64-vnni.toml"
+    generic = (TARGETS_DIR / "x86-64-cpu.toml").read_text()
+    vnni.write_text(generic.replace("cpu_features = []", 'cpu_features = ["avx512_vnni"]'))
+    manifests = {}
+    for target in ("x86-64-cpu", str(vnni)):
+        cfg = resolve_run_config(str(tiny_checkpoint), target, "int8-dynamic", tmp_path / "out", FAST)
+        manifests[cfg.target.name] = build(cfg).manifest
+    safe, fast = manifests["x86-64-cpu"], manifests["x86-64-vnni"]
+    lower = {name: next(r for r in m["stages"] if r["stage"] == "lower") for name, m in manifests.items()}
+    assert lower["x86-64-cpu"]["cache_key"] != lower["x86-64-vnni"]["cache_key"]  # same model, other target CPU
+    assert safe["lowering"]["int8_kernels"]["cpu_features"] == [] and safe["lowering"]["reduce_range"] is True
+    assert fast["lowering"]["int8_kernels"]["cpu_features"] == ["avx512_vnni"]
+    assert fast["lowering"]["reduce_range"] is False
+    assert fast["target"]["runtime_options"]["cpu_features"] == ["avx512_vnni"]  # what the target declared

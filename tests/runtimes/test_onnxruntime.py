@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
+import dataclasses
 
-from edgepipe.config import load_target
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from edgepipe.config import host_cpu_features, load_target
 from edgepipe.data import encode, load_tokenizer
-from edgepipe.errors import BuildError
+from edgepipe.errors import BuildError, ConfigError
 from edgepipe.runtimes import onnxruntime as ort_rt
 from edgepipe.stages.validate import compare, embed_torch
 from tests.conftest import tiny_encoder
@@ -51,3 +55,46 @@ def test_lower_encoder_quantized_stays_close(tmp_path, batch, precision, min_cos
 def test_lower_encoder_rejects_unknown_precision(tmp_path, batch):
     with pytest.raises(BuildError, match="cannot lower precision 'int4'"):
         ort_rt.lower_encoder(tiny_encoder(), batch, load_target("host-cpu"), "int4", tmp_path)
+
+
+def _declaring(name: str, features: list[str]):
+    target = load_target(name)
+    return dataclasses.replace(
+        target, runtime_options=dataclasses.replace(target.runtime_options, cpu_features=features)
+    )
+
+
+def _int8_weight_range(path) -> int:
+    """The largest |value| among the graph's int8 weight initializers."""
+    model = onnx.load(str(path))
+    ints = [numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert ints, "no int8 weights in the graph"
+    return max(int(np.abs(w.astype(np.int32)).max()) for w in ints)
+
+
+def test_int8_choices_follow_the_targets_declared_cpu_features_not_this_machine(tmp_path, batch):
+    # x86-64-cpu declares no VNNI: 7-bit weights (reduce_range), whatever CPU builds it
+    safe = ort_rt.lower_encoder(tiny_encoder(), batch, load_target("x86-64-cpu"), "int8-dynamic", tmp_path / "a")
+    assert safe.report["reduce_range"] is True and safe.report["int8_kernels"]["cpu_features"] == []
+    assert _int8_weight_range(safe.files["model"]) <= 64
+    # a target that declares VNNI gets full-range int8 weights even on this machine, which may have none
+    vnni = _declaring("x86-64-cpu", ["avx512_vnni"])
+    fast = ort_rt.lower_encoder(tiny_encoder(), batch, vnni, "int8-dynamic", tmp_path / "b")
+    assert fast.report["reduce_range"] is False and fast.report["int8_kernels"]["vnni"] is True
+    assert _int8_weight_range(fast.files["model"]) > 100
+    host_vnni = any(f in host_cpu_features() for f in ("avx512_vnni", "avx_vnni"))
+    assert ("validated_here" in fast.report["int8_kernels"]) is (not host_vnni)  # the host says what it could check
+    # static plans: u8 x s8 only where the target declares VNNI
+    assert ort_rt.ort_qdq_flavor(load_target("x86-64-cpu")).weight_type == "uint8"
+    assert ort_rt.ort_qdq_flavor(vnni).weight_type == "int8"
+
+
+def test_host_cpu_declares_this_machines_features_and_bad_names_are_refused(tmp_path):
+    assert load_target("host-cpu").cpu_features == host_cpu_features()
+    assert load_target("x86-64-cpu").cpu_features == ()
+    bad = tmp_path / "t.toml"
+    bad.write_text(
+        'description = "x"\nruntime = "onnxruntime"\nprecision = "fp32"\n[onnxruntime]\ncpu_features = ["vnni"]\n'
+    )
+    with pytest.raises(ConfigError, match=r"cpu_features \['vnni'\] are not known; accepted: host, avx2"):
+        load_target(str(bad))
