@@ -248,6 +248,8 @@ def distill(model: str | None, overrides, force: bool) -> None:
 def _fmt_cos(rec: dict | None) -> str:
     if not rec:
         return "-"
+    if "mean_cosine" not in rec:  # a bundle that could not run here (encoder.NOT_VALIDATED)
+        return rec.get("not_validated", "-")
     return f"{rec['mean_cosine']:.4f} / {rec['min_cosine']:.4f}"
 
 
@@ -296,6 +298,8 @@ def _print_build_summary(bundle) -> None:
         table.add_row("latency", lat.get("where", "-"))
     if bench_kind(m) == "decoder":
         table.add_row("fidelity", f"{_fmt_lm(fid.get('lowered'))} (held-back text)")
+    elif "not_validated" in (fid.get("lowered") or {}):
+        table.add_row("fidelity vs teacher", fid["lowered"]["not_validated"])
     else:
         table.add_row("fidelity vs teacher", f"{_fmt_cos(fid.get('lowered'))} (mean / min cosine, held-back text)")
     if m.get("precision") != m.get("requested_precision"):
@@ -449,6 +453,8 @@ def _print_manifest(m: dict, manifest_sha256: str) -> None:
             fid.add_row(stage, f"{rec['perplexity']:.2f}", f"{rec['top1_vs_teacher']:.4f}")
         elif isinstance(rec, dict) and "mean_cosine" in rec:
             fid.add_row(stage, f"{rec['mean_cosine']:.4f}", f"{rec['min_cosine']:.4f}")
+        elif isinstance(rec, dict) and "not_validated" in rec:
+            fid.add_row(stage, rec["not_validated"], "")
     console.print(fid)
     if decoder:
         d = m["decoder"]

@@ -30,6 +30,7 @@ from edgepipe.stages.parallel import SINGLE, Ranks
 from edgepipe.stages.validate import compare, embed_session, embed_torch
 
 CHECK_SENTENCES = 8
+NOT_VALIDATED = "not validated here"
 VALIDATE_BATCH = 32
 LATENCY_SEQ = 128
 IO = {
@@ -130,8 +131,16 @@ class EncoderBuild:
             )
             latency = self.latency_stage(best.lowered)
         v = self.recipe.validate
-        vs_teacher = best.validated.meta["vs_teacher"]["mean_cosine"]
-        if vs_teacher < v.min_cosine:
+        vs_teacher = (best.validated.meta["vs_teacher"] or {}).get("mean_cosine")
+        if vs_teacher is None:
+            if v.strict:
+                raise BuildError(
+                    f"{self.recipe.name} at {best.precision}: the bundle cannot run here "
+                    f"({best.validated.meta['why']}), so validate.min_cosine cannot be checked (strict).",
+                    hint="Build without --strict and check it on the device with `edgepipe bench`.",
+                )
+            self.build.progress.note(f"{NOT_VALIDATED}: {best.validated.meta['why']}")
+        elif vs_teacher < v.min_cosine:
             missed = f"held-back mean cosine vs the teacher is {vs_teacher:.4f}, below the recipe's bar {v.min_cosine}"
             if v.strict:
                 raise BuildError(
@@ -163,7 +172,7 @@ class EncoderBuild:
                 self.build.progress.note(f"candidate {candidate} left out: {exc.message}")
                 continue
             ms = latency.meta["p50_ms"] if latency else None
-            vs_teacher = tried.validated.meta["vs_teacher"]["mean_cosine"]
+            vs_teacher = (tried.validated.meta["vs_teacher"] or {}).get("mean_cosine")
             row.update(p50_ms=ms, drop=round(tried.drop, 6), mean_cosine_vs_teacher=vs_teacher)
             if ms is None:
                 row["left_out"] = "not measurable on this machine"
@@ -334,6 +343,8 @@ class EncoderBuild:
         runnable, why = runtime.can_run_here(target)
         artifact = lowered.dir / lowered.meta["files"]["model"]
         payload = {"artifact": lowered.key, "held_out": self.held_out, "runnable": runnable}
+        if not runnable:
+            payload["claims"] = "none"  # earlier versions recorded the PyTorch model's cosine here
 
         def run(out: Path) -> dict:
             proxy = lowered.meta["report"].get("proxy")
@@ -347,13 +358,8 @@ class EncoderBuild:
                     "vs_pytorch": compare(outputs, model_ref[:n]),
                     "vs_teacher": compare(outputs, teacher_emb[:n]),
                 }
-            if not runnable:  # judged in PyTorch only; the device run (`edgepipe bench`) checks the artifact
-                return {
-                    "runtime": "not run here",
-                    "why": why,
-                    "vs_pytorch": None,
-                    "vs_teacher": compare(model_ref, teacher_emb),
-                }
+            if not runnable:  # the artifact never ran: no fidelity is claimed; `edgepipe bench` on the device checks it
+                return {"runtime": "not run here", "why": why, "vs_pytorch": None, "vs_teacher": None}
             outputs = embed_session(runtime.load(artifact, target), self.validation_batches())
             return {
                 "runtime": target.runtime,
@@ -405,10 +411,15 @@ class EncoderBuild:
                 if rec["metrics"].get("held_out_before"):
                     fidelity["initialised"] = rec["metrics"]["held_out_before"]
                 fidelity["student"] = rec["metrics"].get("held_out")
-        fidelity["lowered"] = best.validated.meta["vs_teacher"]
-        fidelity["lowered_vs_pytorch"] = best.validated.meta["vs_pytorch"]
+        held = best.validated.meta
+        if held["vs_teacher"] is None:  # the bundle never ran here: say so instead of quoting the PyTorch model's
+            fidelity["lowered"] = {"not_validated": f"{NOT_VALIDATED}: {held['why']}"}
+        else:
+            fidelity["lowered"] = held["vs_teacher"]
+        fidelity["lowered_vs_pytorch"] = held["vs_pytorch"]
         fidelity["bar"] = {"min_mean_cosine": self.recipe.validate.min_cosine}
-        fidelity["meets_bar"] = fidelity["lowered"]["mean_cosine"] >= self.recipe.validate.min_cosine
+        cos = fidelity["lowered"].get("mean_cosine")
+        fidelity["meets_bar"] = None if cos is None else cos >= self.recipe.validate.min_cosine
         return self.build.manifest(
             kind=self.recipe.kind,
             family="encoder",

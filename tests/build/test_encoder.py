@@ -6,9 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from edgepipe.build import build
 from edgepipe.bundle import check_bundle, open_bundle, text_fidelity
+from edgepipe.cli import cli
 from edgepipe.config import TARGETS_DIR, resolve_data_file, resolve_run_config
 from edgepipe.errors import BuildError, BundleError, ModelError, UsageError
 
@@ -205,3 +207,34 @@ def test_int8_choices_follow_the_target_and_are_in_the_cache_key_and_manifest(tm
     assert fast["lowering"]["int8_kernels"]["cpu_features"] == ["avx512_vnni"]
     assert fast["lowering"]["reduce_range"] is False
     assert fast["target"]["runtime_options"]["cpu_features"] == ["avx512_vnni"]  # what the target declared
+
+
+UNRUNNABLE = """
+description = "an ORT GPU target: lowered here, run only where CUDA is"
+runtime = "onnxruntime"
+precision = "fp16"
+precisions = ["fp32", "fp16"]
+[hardware]
+arch = "x86_64"
+[onnxruntime]
+providers = ["CUDAExecutionProvider"]
+"""
+
+
+def test_a_bundle_that_cannot_run_here_claims_no_fidelity(tmp_path, tiny_checkpoint):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this machine runs CUDA graphs: the bundle would be validated")
+    target = tmp_path / "ort-gpu.toml"
+    target.write_text(UNRUNNABLE)
+    bundle = build(resolve_run_config(str(tiny_checkpoint), str(target), "fp16", tmp_path / "out", FAST))
+    m = bundle.manifest
+    assert m["validation"]["held_out"]["runtime"] == "not run here"
+    assert m["validation"]["held_out"]["vs_teacher"] is None and m["fidelity"]["lowered_vs_pytorch"] is None
+    # not the PyTorch model's fp32 cosine dressed up as the fp16 bundle's
+    assert m["fidelity"]["lowered"] == {"not_validated": "not validated here: CUDAExecutionProvider not available here"}
+    assert m["fidelity"]["meets_bar"] is None
+    shown = CliRunner().invoke(cli, ["inspect", str(bundle.path)], terminal_width=200)
+    rows = [" ".join(line.replace("│", " ").split()) for line in shown.output.splitlines()]
+    assert shown.exit_code == 0 and "lowered not validated here: CUDAExecutionProvider not available here" in rows

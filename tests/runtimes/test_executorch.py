@@ -330,6 +330,9 @@ def test_build_apple_coreml_bundle_is_lowered_but_not_validated_here(tmp_path, o
     assert m["lowering"]["delegation"]["backends"].get("CoreMLBackend", 0) >= 1
     assert m["validation"]["held_out"]["runtime"] == "not run here"
     assert "Apple hardware" in m["validation"]["held_out"]["why"]
+    # the fp16 .pte never ran: no cosine is claimed for it (not the PyTorch model's fp32 one either)
+    assert m["fidelity"]["lowered"]["not_validated"].startswith("not validated here: Core ML runs only on Apple")
+    assert m["validation"]["held_out"]["vs_teacher"] is None and m["fidelity"]["lowered_vs_pytorch"] is None
 
 
 @needs_ethos
