@@ -86,6 +86,11 @@ def lm(tmp_path_factory):
     return build_lm
 
 
+def _until_eos(tokens: list[int], eos: int | None) -> list[int]:
+    """Eager greedy tokens as a bundle returns them: up to and including the first end-of-text token."""
+    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+
 def _eager(bundle) -> torch.nn.Module:
     """The pretrained model the bundle was lowered from, in PyTorch."""
     return load_decoder(bundle.manifest["source_model"]["path"], max_context=128)
@@ -121,9 +126,8 @@ def test_generation_from_the_bundle_equals_eager_pytorch(lm):
     ids = Tokenizer.from_file(str(bundle.path / "tokenizer.json")).encode(PROMPT, add_special_tokens=False).ids
     assert len(ids) > bundle.manifest["decoder"]["prefill_tokens"]  # one prefill chunk, then decode steps
     want = generate_eager(model, torch.tensor([ids]), 20)[0, len(ids) :].tolist()
-    eos = bundle.manifest["decoder"]["eos_id"]
-    want = want[: want.index(eos) + 1] if eos in want else want
-    assert out.tokens == want
+    want = _until_eos(want, bundle.manifest["decoder"]["eos_id"])
+    assert out.tokens == want and want
     assert out.ttft_ms > 0
 
 
@@ -142,6 +146,25 @@ def test_edgepipe_load_generates_eager_pytorchs_tokens(lm):
     assert out.tokens == (want[: want.index(eos) + 1] if eos in want else want) and out.text
     with pytest.raises(UsageError, match="encode returns sentence embeddings"):
         loaded.encode(["a sentence"])
+
+
+def test_generate_through_the_cli_prints_the_bundles_greedy_continuation(lm):
+    from click.testing import CliRunner
+    from tokenizers import Tokenizer
+
+    from edgepipe.cli import cli
+
+    bundle = lm()
+    done = CliRunner().invoke(cli, ["generate", str(bundle.path), "--prompt", PROMPT, "--max-new-tokens", "12"])
+    assert done.exit_code == 0, done.output
+    tok = Tokenizer.from_file(str(bundle.path / "tokenizer.json"))
+    ids = tok.encode(PROMPT, add_special_tokens=False).ids
+    want = generate_eager(_eager(bundle), torch.tensor([ids]), 12)[0, len(ids) :].tolist()
+    want = _until_eos(want, bundle.manifest["decoder"]["eos_id"])
+    assert done.stdout == PROMPT + tok.decode(want) + "\n"  # the prompt, then eager PyTorch's continuation
+    assert f"{len(ids)} prompt tokens, {len(want)} new; time to first token" in done.stderr
+    empty = CliRunner().invoke(cli, ["generate", str(bundle.path), "--prompt", ""])
+    assert empty.exit_code == 2 and "The prompt is empty" in empty.stderr and "Traceback" not in empty.output
 
 
 def test_a8w16_bundle_keeps_an_int8_kv_cache_and_tracks_fp32(lm, tmp_path):
@@ -200,7 +223,7 @@ def test_student_recipe_distills_from_a_teacher_recipe_and_generates_its_own_tok
     ids = Tokenizer.from_file(str(bundle.path / "tokenizer.json")).encode(PROMPT, add_special_tokens=False).ids
     want = generate_eager(load_decoder(student_dir), torch.tensor([ids]), 10)[0, len(ids) :].tolist()
     out = generate(bundle.path, PROMPT, max_new_tokens=10)
-    assert out.tokens == want[: len(out.tokens)]
+    assert out.tokens == _until_eos(want, m["decoder"]["eos_id"]) and out.tokens
 
 
 def test_corrupt_decode_graph_is_one_clear_error(lm, tmp_path):
@@ -280,7 +303,7 @@ def test_mamba2_checkpoint_bundle_generates_eager_tokens(mamba_checkpoint, tmp_p
 
     ids = Tokenizer.from_file(str(bundle.path / "tokenizer.json")).encode(PROMPT, add_special_tokens=False).ids
     want = generate_eager(load_decoder(mamba_checkpoint), torch.tensor([ids]), 12)[0, len(ids) :].tolist()
-    assert out.tokens == want[: len(out.tokens)] and len(out.tokens) >= 1
+    assert out.tokens == _until_eos(want, m["decoder"]["eos_id"]) and out.tokens
 
 
 def test_tensorrt_decoder_bundle_ships_graphs_plan_and_script_validated_on_the_proxy(lm, tmp_path):
