@@ -76,15 +76,53 @@ def test_narrow_student_lowers_to_onnxruntime_with_its_projection(tmp_path, tiny
 
 
 def test_failed_build_leaves_no_half_bundle(tmp_path, tiny_checkpoint, monkeypatch):
-    def boom(*args, **kwargs):
-        raise RuntimeError("lowering crashed")
+    """The failure comes while the bundle is being written: its folder exists and holds the model, the tokenizer
+    and check.npz, and the manifest cannot be written (a full disk)."""
+    import edgepipe.build.driver as driver
 
-    monkeypatch.setattr("edgepipe.runtimes.onnxruntime.lower_encoder", boom)
-    with pytest.raises(RuntimeError):
+    staged = []
+
+    def disk_full(folder, manifest):
+        staged.append(sorted(p.name for p in folder.iterdir()))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(driver, "write_manifest", disk_full)
+    with pytest.raises(OSError, match="No space left"):
         _build(tiny_checkpoint, tmp_path / "out")
+    assert staged == [["check.npz", "model.onnx", "tokenizer.json"]]  # the bundle's folder was there, half full
     model_dir = tmp_path / "out" / tiny_checkpoint.name
-    assert not (model_dir / "host-cpu").exists()
-    assert not any(model_dir.glob(".*tmp*")) if model_dir.exists() else True
+    assert model_dir.is_dir() and list(model_dir.iterdir()) == []  # no bundle, no temporary folder left behind
+
+
+def test_a_build_over_its_fidelity_budget_falls_back_through_the_recipe(tmp_path, tiny_checkpoint):
+    """int8-dynamic loses some cosine on the tiny encoder; with a budget of 0 the loop falls back to fp32."""
+    bundle = _build(tiny_checkpoint, tmp_path / "out", "quantize.fidelity_budget=0", precision="int8-dynamic")
+    m = bundle.manifest
+    assert m["requested_precision"] == "int8-dynamic" and m["precision"] == "fp32"
+    assert [r["stage"] for r in m["stages"]] == ["reference", "lower", "validate", "lower", "validate", "latency"]
+    tried = m["stages"][2]
+    drop = 1 - tried["metrics"]["vs_pytorch"]["mean_cosine"]
+    assert drop > 0 and tried["decision"] == f"int8-dynamic dropped {drop:.4f} > budget 0.0: fall back to fp32"
+    assert m["fidelity"]["lowered_vs_pytorch"]["mean_cosine"] > 0.9999  # what ships is the fp32 graph
+    assert check_bundle(bundle.path).passed
+
+
+def test_a_build_over_its_budget_with_no_fallback_plan_fails_in_one_line(tmp_path, tiny_checkpoint):
+    target = tmp_path / "int8-only.toml"
+    target.write_text(
+        (TARGETS_DIR / "x86-64-cpu.toml").read_text().replace('precisions = ["fp32", "fp16", ', "precisions = [")
+    )
+    cfg = resolve_run_config(
+        str(tiny_checkpoint), str(target), "int8-dynamic", tmp_path / "out", FAST + ("quantize.fidelity_budget=0",)
+    )
+    with pytest.raises(
+        BuildError,
+        match=r"Precision int8-dynamic loses 0\.\d{4} mean cosine .* no fallback plan on "
+        r"target int8-only\.",
+    ) as info:
+        build(cfg)
+    assert "quantize.fidelity_budget" in info.value.hint
+    assert not (tmp_path / "out" / tiny_checkpoint.name).exists()
 
 
 def test_rebuild_replaces_the_bundle_atomically(tmp_path, tiny_checkpoint):
