@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -13,14 +15,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from edgepipe.cli import cli
 from edgepipe.errors import BundleError, DeviceError, UsageError
 from edgepipe.harness import remote, report
 
 try:
+    import fake_adb
     from harness_fixtures import make_onnx_bundle
     from sshd import SshServer
 except ImportError:  # tests/ imported as a package
+    from tests import fake_adb
     from tests.harness_fixtures import make_onnx_bundle
     from tests.sshd import SshServer
 
@@ -439,3 +445,69 @@ def _silence(started: Path, proxy: _Proxy) -> None:
     while not started.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
     proxy.silent.set()
+
+
+# ------------------------------------------------------------------ adb, through the CLI, with a fake adb on PATH
+
+SERIAL = "FAKE0042"
+
+
+@pytest.fixture
+def phone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An "attached" Android device: tests/fake_adb.py as ``adb`` on PATH, its storage a directory here."""
+    root = tmp_path / "phone"
+    fake_adb.install(tmp_path / "bin", root, SERIAL)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    return root
+
+
+def _cli(*args: str):
+    done = CliRunner().invoke(cli, list(args), terminal_width=240)
+    return done, " ".join(done.output.split())
+
+
+def test_adb_deploy_bench_and_compare_through_the_cli(bundle: Path, phone: Path, tmp_path: Path) -> None:
+    device = ["--device", f"adb://{SERIAL}", "--python", sys.executable]
+    first, said = _cli("deploy", str(bundle), *device)
+    assert first.exit_code == 0, first.output
+    remote_dir = "/data/local/tmp/edgepipe/tiny-encoder/host-cpu"  # adb's default place
+    assert f"-> adb://{SERIAL}:{remote_dir} (copied 5 files" in said and "runtime on the device: onnxruntime" in said
+    on_phone = phone / remote_dir.lstrip("/")
+    names = ["check.npz", "manifest.json", "model.onnx", "runner.py", "tokenizer.json"]
+    assert sorted(p.name for p in on_phone.iterdir()) == names and not on_phone.with_name("host-cpu.partial").exists()
+    assert all((on_phone / n).read_bytes() == (bundle / n).read_bytes() for n in names if n != "runner.py")
+    again, said = _cli("deploy", str(bundle), *device)
+    assert again.exit_code == 0 and "already there, unchanged" in said
+    (on_phone / "model.onnx").write_bytes(b"rotten")  # the phone's copy fails its sha256: deploy copies again
+    repaired, said = _cli("deploy", str(bundle), *device)
+    assert (
+        repaired.exit_code == 0
+        and "(copied 5 files" in said
+        and (on_phone / "model.onnx").read_bytes() == (bundle / "model.onnx").read_bytes()
+    )
+
+    results = tmp_path / "results"
+    benched, said = _cli("bench", str(bundle), *device, "--runs", "5", "--warmup", "1", "--results", str(results))
+    assert benched.exit_code == 0, benched.output
+    (path,) = results.glob("*.json")  # pulled back from the phone with adb pull
+    record = json.loads(path.read_text())
+    assert record["device"]["url"] == f"adb://{SERIAL}" and record["check"]["passed"]
+    assert 0 < record["latency_ms"]["min"] <= record["latency_ms"]["p50"] <= record["latency_ms"]["max"]
+    assert not list(on_phone.parent.glob("*.bench-*.json"))  # the device copy of the result is cleaned up
+
+    local = remote.bench(bundle, "local", runs=5, warmup=1, results_dir=results)
+    table, plot = tmp_path / "compare.csv", tmp_path / "compare.png"
+    compared, said = _cli("compare", str(path), str(local), "--csv", str(table), "--plot", str(plot))
+    assert compared.exit_code == 0, compared.output
+    rows = list(csv.DictReader(table.open()))
+    assert [r["device"] for r in rows] == [f"adb://{SERIAL}", report.row(json.loads(local.read_text()))["device"]]
+    assert float(rows[0]["p50_ms"]) == pytest.approx(record["latency_ms"]["p50"])
+    assert rows[0]["source"] == str(path) and f"Wrote {table}" in said
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_adb_device_that_is_not_attached_is_one_line(bundle: Path, phone: Path) -> None:
+    done, said = _cli("deploy", str(bundle), "--device", "adb://OTHER1", "--python", sys.executable)
+    assert done.exit_code == 1 and "Traceback" not in done.output
+    assert said.startswith("error: adb device OTHER1 is not attached") and f"adb devices lists: {SERIAL}" in said
+    assert list((phone / "data" / "local" / "tmp").iterdir()) == []  # nothing was copied
