@@ -9,6 +9,12 @@ and its own fallback, because each measures fidelity its own way:
   a decoder's logits run to ~20 over an 8k vocabulary, where summation order alone moves them by ~1e-4, so 1e-3.
 - bf16 (OpenVINO): bf16 keeps fp32's 8-bit exponent but 8 bits of mantissa, so an embedding moves by ~1e-2 at
   most and its cosine stays above 0.999 (the fp16 tolerance); it falls back to fp32.
+- decoder token agreement: at each of check.npz's 16 positions the graphs, fed PyTorch's own prefix, must predict
+  PyTorch's greedy token (teacher-forced, so one early flip does not carry into every later position). Quantized
+  decoders lose 1-2% of held-back top-1 agreement (tiny test LM: int8-dynamic 0.986, int8-fp16 0.981; tinylm-teacher:
+  int8-fp16 0.989, a8w16 0.990; fp16 1.0), and the tiny LM keeps all 16 check tokens in every plan. The INT8
+  plans may miss two positions of 16 (three or more come by chance in under 1% of bundles at a 2% rate per
+  position), fp16 one; more is a broken artifact, not quantization noise.
 - a8w16 fallback: an encoder's a8w16 keeps fp16 weights, so fp16 is the next plan down; a decoder's a8w16 keeps fp32
   weights on CPU runtimes (their fp16 GEMMs are emulated on x86) and executorch has no fp16 decoder plan, so fp32.
 
@@ -64,7 +70,7 @@ PLANS: dict[str, Plan] = {
             "weights and compute in fp16 where the runtime has fp16 kernels",
             static=False,
             fallback={"encoder": "fp32", "decoder": "fp32"},
-            check={"encoder": Tolerance(2e-2, 0.999), "decoder": Tolerance(0.25, 0.999, 0.75)},
+            check={"encoder": Tolerance(2e-2, 0.999), "decoder": Tolerance(0.25, 0.999, 15 / 16)},
             weight_bytes=2.0,
         ),
         Plan(
@@ -73,7 +79,7 @@ PLANS: dict[str, Plan] = {
             "precision hint; refused on other CPUs, where OpenVINO would silently run fp32",
             static=False,
             fallback={"encoder": "fp32", "decoder": "fp32"},
-            check={"encoder": Tolerance(2e-2, 0.999), "decoder": Tolerance(0.25, 0.999, 0.75)},
+            check={"encoder": Tolerance(2e-2, 0.999), "decoder": Tolerance(0.25, 0.999, 15 / 16)},  # fp16's
             weight_bytes=2.0,
         ),
         Plan(
@@ -81,7 +87,7 @@ PLANS: dict[str, Plan] = {
             "INT8 weights, activations quantized at run time (no calibration)",
             static=False,
             fallback={"encoder": "fp32", "decoder": "fp32"},
-            check={"encoder": _INT8, "decoder": Tolerance(2.0, 0.98, 0.5)},
+            check={"encoder": _INT8, "decoder": Tolerance(2.0, 0.98, 14 / 16)},
             weight_bytes=1.0,
         ),
         Plan(
@@ -96,14 +102,14 @@ PLANS: dict[str, Plan] = {
             "INT8 GEMMs where they keep the fidelity budget, FP16 weights and compute for the rest",
             static=True,
             fallback={"encoder": "fp16", "decoder": "fp16"},
-            check={"encoder": _INT8, "decoder": Tolerance(2.0, 0.98, 0.5)},
+            check={"encoder": _INT8, "decoder": Tolerance(2.0, 0.98, 14 / 16)},
         ),
         Plan(
             "a8w16",
             "INT8 activations at layer boundaries and an INT8 KV cache, weights and compute in FP16 (fp32 on CPUs)",
             static=False,  # decoders calibrate their K scales themselves (models.kv_cache); no Q/DQ graph
             fallback={"encoder": "fp16", "decoder": "fp32"},
-            check={"encoder": _INT8, "decoder": Tolerance(0.1, 0.999, 0.9)},
+            check={"encoder": _INT8, "decoder": Tolerance(0.1, 0.999, 14 / 16)},
             weight_bytes=4.0,
         ),
     )

@@ -331,7 +331,7 @@ class DecoderBuild:
             return {
                 "runtime": "onnxruntime (proxy of the TensorRT graphs)" if proxy else self.target.runtime,
                 "lowered": summarize(scores, teacher_top1, model_top1),
-                "check": {k: check[k] for k in ("max_abs_error", "min_cosine", "token_agreement")},
+                "check": {k: check[k] for k in ("max_abs_error", "min_cosine", "token_agreement", "greedy_agreement")},
             }
 
         return self.build.stage(

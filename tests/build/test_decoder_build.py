@@ -181,6 +181,19 @@ def test_a8w16_bundle_keeps_an_int8_kv_cache_and_tracks_fp32(lm, tmp_path):
     assert check_bundle(bundle.path).passed
 
 
+def test_int8_dynamic_bundle_keeps_the_models_next_tokens(lm, tmp_path):
+    """Measured on this tiny LM: held-back top-1 vs PyTorch 0.986, all 16 check tokens (teacher-forced and greedy),
+    first-token logits within 0.016; the bounds sit just below that, so a worse int8 path fails here."""
+    bundle = lm(precision="int8-dynamic", out=tmp_path)
+    m = bundle.manifest
+    assert m["precision"] == "int8-dynamic" and m["lowering"]["weights"] == "int8"
+    assert 0.97 <= m["fidelity"]["lowered"]["top1_vs_pytorch"] < 1.0  # int8 is not free, and it stays close
+    check = next(r for r in m["stages"] if r["stage"] == "validate")["metrics"]["check"]
+    assert check["token_agreement"] == 1.0 and check["greedy_agreement"] == 1.0 and check["max_abs_error"] < 0.05
+    report = check_bundle(bundle.path)
+    assert report.passed and report.result["token_agreement"] == 1.0
+
+
 def test_runner_benchmarks_a_decoder_at_several_contexts(lm, tmp_path):
     bundle = lm()
     out = tmp_path / "bench.json"
