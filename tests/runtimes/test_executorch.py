@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("executorch", reason="ExecuTorch is not installed (pip install 'edgepipe[executorch]')")
 
 from edgepipe.build import build  # noqa: E402
-from edgepipe.config import QuantizeConfig, load_target, resolve_run_config  # noqa: E402
+from edgepipe.config import QuantizeConfig, Target, load_target, resolve_run_config  # noqa: E402
 from edgepipe.data import batches, encode, load_tokenizer, read_sentences  # noqa: E402
 from edgepipe.errors import BuildError  # noqa: E402
 from edgepipe.runtimes import QuantInputs  # noqa: E402
@@ -66,7 +66,7 @@ def test_lower_encoder_fp32_matches_eager_in_the_executorch_runtime(fp32_pte, ba
     out = et.load(lowered.files["model"], load_target("android-arm64")).run(batch)["sentence_embedding"]
     np.testing.assert_allclose(out, embed_torch(model, [batch]), atol=1e-4)
     report = lowered.report
-    assert report["delegation"]["backends"] == {"XnnpackBackend": report["delegation"]["delegate_calls"]}
+    assert set(report["delegation"]["backends"]) == {"XnnpackBackend"} and report["delegation"]["delegate_calls"] >= 1
     assert all(lp["delegated"] and lp["runs_as"] == "fp32" for lp in report["plan"])
     # attention's matmuls and softmax went into the delegate; LayerNorm and the embedding lookup did not (FACTS.md)
     outside = report["delegation"]["ops_outside"]
@@ -178,13 +178,14 @@ def test_check_delegation_names_op_layer_and_target_when_a_mixer_op_stays_on_the
 
 def test_where_each_backend_runs():
     assert et.can_run_here(load_target("android-arm64"))[0]
-    assert (
-        "numeric proxy for aarch64" in et.can_run_here(load_target("raspberry-pi-5"))[1] or et.host_arch() == "aarch64"
-    )
     assert not et.can_run_here(load_target("apple-coreml"))[0]
     assert not et.can_run_here(load_target("ethos-u55-128"))[0]
     assert not et.same_machine(load_target("ethos-u85-256"))
-    assert et.same_machine(load_target("android-arm64")) == (et.host_arch() == "aarch64")
+    pi = et.can_run_here(load_target("raspberry-pi-5"))[1]
+    if et.host_arch() == "x86_64":  # this x86 machine validates Arm .pte files as a numeric proxy, times none
+        assert "numeric proxy for aarch64" in pi and not et.same_machine(load_target("android-arm64"))
+    elif et.host_arch() == "aarch64":
+        assert "numeric proxy" not in pi and et.same_machine(load_target("android-arm64"))
 
 
 def test_masked_softmax_attention_equals_full_attention():
@@ -301,8 +302,18 @@ def _check_xnnpack_bundle(bundle):
     assert m["runtime"] == "executorch" and m["graphs"] == {"model": "model.pte"}
     assert {p.name for p in bundle.path.iterdir()} == {"model.pte", "manifest.json", "tokenizer.json", "check.npz"}
     assert m["validation"]["held_out"]["runtime"] == "executorch"
-    drop = 1.0 - m["fidelity"]["lowered_vs_pytorch"]["mean_cosine"]
-    assert drop <= m["recipe"]["quantize"]["fidelity_budget"]
+    # the recorded fidelity is what the .pte does: run it again here on the same held-back text, against PyTorch
+    from edgepipe.models.hf import load_encoder
+
+    v = m["recipe"]["validate"]
+    held = list(
+        batches(load_tokenizer(bundle.path / "tokenizer.json", v["max_len"]), read_sentences(v["data"], 32), 32)
+    )
+    session = et.load(bundle.path / "model.pte", Target.from_dict(m["target"]))
+    again = compare(embed_session(session, held), embed_torch(load_encoder(m["source_model"]["path"]), held))
+    assert again["mean_cosine"] == pytest.approx(m["fidelity"]["lowered_vs_pytorch"]["mean_cosine"], abs=1e-5)
+    assert m["precision"] == m["requested_precision"]  # the plan itself held the budget: no fallback
+    assert 1.0 - again["mean_cosine"] <= m["recipe"]["quantize"]["fidelity_budget"]
     assert m["lowering"]["delegation"]["delegate_calls"] > 0
     report = check_bundle(bundle.path)  # check.npz run again from the bundle, in ExecuTorch's runtime
     assert report.passed
