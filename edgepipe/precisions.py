@@ -5,6 +5,9 @@ Two families use the table: sentence encoders (one graph, judged by the cosine o
 (prefill + decode graphs, judged by greedy tokens and first-token logits). Each family has its own check tolerance
 and its own fallback, because each measures fidelity its own way:
 
+- int8 encoder atol 0.08: the largest element error of the teacher's int8 embeddings on 128 held-back sentences
+  was 0.044 (ONNX Runtime int8-dynamic, 7-bit weights), 0.033 (w8a8, int8-fp16) and 0.014 (ExecuTorch
+  int8-dynamic), 0.025 on check.npz's 8; an atol of sqrt(2 - 2 x 0.97) = 0.25 would only repeat min_cosine.
 - fp32 atol: an encoder's embeddings are unit length and ONNX Runtime/XNNPACK reproduce PyTorch to 1e-5, so 1e-4;
   a decoder's logits run to ~20 over an 8k vocabulary, where summation order alone moves them by ~1e-4, so 1e-3.
 - bf16 (OpenVINO): bf16 keeps fp32's 8-bit exponent but 8 bits of mantissa, so an embedding moves by ~1e-2 at
@@ -53,7 +56,7 @@ class Plan:
     weight_bytes: float | None = None  # decoders' decode-memory estimate: bytes per weight (None: per layer)
 
 
-_INT8 = Tolerance(0.25, 0.97)
+_INT8 = Tolerance(0.08, 0.97)
 PLANS: dict[str, Plan] = {
     p.name: p
     for p in (

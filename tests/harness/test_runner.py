@@ -311,3 +311,24 @@ def test_runner_runs_on_python_3_8(onnx_bundle: Path, tmp_path: Path) -> None:
     record = json.loads(out.read_text())
     assert record["check"]["passed"] and record["env"]["python"]["version"] == report["python"]["version"]
     assert 0 < record["latency_ms"]["p50"] <= record["latency_ms"]["p90"]
+
+
+def test_the_int8_encoder_tolerance_catches_one_wrong_channel_that_min_cosine_lets_through(teacher_dir, sentences):
+    """The teacher's unit-length embeddings of 8 real sentences: one channel off by 0.15 keeps every cosine above
+    0.97 but is no int8 rounding (measured <= 0.044 per element); errors of the measured size pass."""
+    from edgepipe.data import encode, load_tokenizer
+    from edgepipe.models.hf import load_encoder
+    from edgepipe.precisions import tolerance
+    from edgepipe.stages.validate import embed_torch
+
+    int8 = tolerance("int8-dynamic", "encoder")
+    tok = load_tokenizer(teacher_dir / "tokenizer.json", 64)
+    want = embed_torch(load_encoder(teacher_dir), [encode(tok, sentences[:8])]).astype(np.float64)
+    # int8-sized error: RMS 0.007 per channel is the teacher's int8-dynamic mean cosine 0.991 (sqrt(2 x 0.009 / 384))
+    rounded = want + np.random.default_rng(0).uniform(-0.012, 0.012, want.shape)
+    assert runner.compare_outputs({"y": rounded}, {"y": want}, int8)["passed"]
+    broken = want.copy()
+    broken[:, 7] += 0.15  # one channel wrong in every row
+    res = runner.compare_outputs({"y": broken}, {"y": want}, int8)
+    assert res["min_cosine"] > int8["min_cosine"] and not res["passed"]
+    assert res["problems"] == [f"max-abs error {res['max_abs_error']:.3g} > atol {int8['atol']:.3g}"]
