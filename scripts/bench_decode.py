@@ -1,225 +1,224 @@
-"""Cost of one decode step of the token mixer vs context length, in ONNX Runtime and ExecuTorch (XNNPACK).
+"""Cost of one decode step vs context, each context with a real filled cache or state, in ONNX Runtime and
+ExecuTorch (XNNPACK): full attention, windowed attention, Mamba-2 and full attention over the tiered INT8 KV cache
+(a8w16), all points of a runtime interleaved in one run.
 
-Three token mixers of the same hidden size, each exported as edgepipe's decode step (explicit state in and out):
+Each form is a one-layer decoder of tinylm's layer shape (hidden 384, 6 query / 2 KV heads, FFN 1024; Mamba-2:
+state 128, head_dim 64, expand 2) with seeded weights, a 512-token byte-level BPE trained on
+calibration_data/train.txt (so the LM head is a small part of a step), lowered with edgepipe's own
+``lower_decoder`` into the prefill + decode graphs a bundle holds, and run through ``harness.runner.DecoderGraphs``
+(what ``edgepipe generate`` and the device runner use).
 
-- ``full``: grouped-query attention (projections, RoPE, attention over a KV cache holding ``context`` tokens);
-- ``windowed``: the same layer with ``windowed:W`` attention, whose rolling cache holds 2W tokens at any context;
-- ``mamba2``: the Mamba-2 mixer's recurrent step (in_proj, conv step, SSM step, gated norm, out_proj).
+At context C the full and tiered caches have C slots, the windowed cache its rolling 2W and Mamba-2 its fixed
+state. A real prompt (calibration_data/validation.txt, encoded with that tokenizer) of C - S tokens is prefilled
+through the graphs, and the S decode steps that follow (greedy, the graphs' own tokens) bring the history to C: every
+timed step reads a cache or state built from real text, at its position, not a random tensor at a fixed position.
+S = --warmup + --rounds x (1 + --block). In each round every (form, context) point of the runtime runs one untimed
+step and then --block timed steps in a row, so machine load hits every point alike and each block runs warm:
+--rounds x --block timed steps per point (default 10 x 10 = 100).
 
-Each graph runs at contexts 256 ... 8192 (full: a cache of that size, full of tokens; windowed: the step at that
-position; mamba2: its fixed state), batch 1, with a fixed thread count. Prints a table and the issue-4 goals
-(windowed and mamba2 flat within ±15%, full growing, mamba2 >= 5x cheaper than full at the largest context);
-``--json FILE`` writes rows ``{"runtime", "form", "context", "ms", "state_bytes"}`` (``ms``: the median; each row
-also has ``ms_p10``, the 10th percentile, which a busy machine disturbs less).
+    python scripts/bench_decode.py --json benchmarks/bench_decode-<cpu>.json
+    python scripts/bench_decode.py --contexts 256,1024 --runtimes onnxruntime --rounds 2 --block 3   # a smoke run
 
-    python scripts/bench_decode.py --json results/bench_decode.json
+``--json FILE`` writes a ``benchrecord`` record: one row per (runtime, form, context) with every timed step (ms),
+the state bytes and the positions timed.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from benchrecord import Record
 
+from edgepipe.build.decoder import decoder_facts, open_graphs
+from edgepipe.config import KVCacheConfig, load_target
+from edgepipe.data import encode_text, read_sentences
 from edgepipe.models.decoder import DecoderConfig, DecoderLM
-from edgepipe.models.mamba import Mamba2Mixer, MambaConfig
+from edgepipe.models.kv_cache import tiered_decoder
+from edgepipe.models.mamba import MambaConfig, MambaLM
+from edgepipe.runtimes import get_runtime
+from edgepipe.runtimes.decoder_graphs import graph_io
+from edgepipe.stages.pretrain import init_weights, train_tokenizer
 
 CONTEXTS = (256, 512, 1024, 2048, 4096, 8192)
+FORMS = ("full", "windowed", "mamba2", "tiered-int8")
+TARGETS = {"onnxruntime": "host-cpu", "executorch": "android-arm64"}
+VOCAB = 512
 
 
-class AttentionStep(nn.Module):
-    """One attention layer's decode step: (x, position, k_cache, v_cache) -> (out, k_cache, v_cache)."""
-
-    def __init__(self, model: DecoderLM) -> None:
-        super().__init__()
-        self.model, self.attn = model, model.layers[0].attn
-
-    def forward(self, x: Tensor, position: Tensor, k_cache: Tensor, v_cache: Tensor) -> tuple[Tensor, ...]:
-        cos, sin, bias = self.model.step_context(position, 1)
-        return self.attn.step(x, cos, sin, bias, k_cache, v_cache)
-
-
-class MambaStep(nn.Module):
-    """The Mamba-2 mixer's recurrent step: (x, position, conv_state, ssm_state) -> (out, conv_state, ssm_state)."""
-
-    def __init__(self, mixer: Mamba2Mixer) -> None:
-        super().__init__()
-        self.mixer = mixer
-
-    def forward(self, x: Tensor, position: Tensor, conv_state: Tensor, ssm_state: Tensor) -> tuple[Tensor, ...]:
-        return self.mixer.step(x, conv_state, ssm_state)
-
-
-def build(form: str, context: int, args: argparse.Namespace) -> tuple[nn.Module, tuple[Tensor, ...]]:
-    """The step module and example inputs (state filled with random values) for ``form`` at ``context``."""
+def model_for(form: str, context: int, args: argparse.Namespace):
+    """(module to lower, plain model, precision) for ``form`` with a cache for ``context`` tokens; seeded."""
     torch.manual_seed(0)
-    x, position = torch.randn(1, 1, args.hidden), torch.tensor([context - 1])
     if form == "mamba2":
-        cfg = MambaConfig(vocab_size=1, hidden=args.hidden, layers=1, state_size=args.state, head_dim=64)
-        mixer = Mamba2Mixer(cfg).eval()
-        conv, ssm = torch.randn(1, cfg.conv_dim, cfg.conv_kernel - 1), 0.1 * torch.randn(1, cfg.heads, 64, args.state)
-        return MambaStep(mixer), (x, position, conv, ssm)
-    attention = "full" if form == "full" else f"windowed:{args.window}"
+        cfg = MambaConfig(vocab_size=VOCAB, hidden=args.hidden, layers=1, state_size=args.state, head_dim=64)
+        return MambaLM(cfg).eval(), None, "fp32"
+    attention = f"windowed:{args.window}" if form == "windowed" else "full"
     cfg = DecoderConfig(
-        vocab_size=1, hidden=args.hidden, layers=1, heads=args.heads, kv_heads=args.kv_heads, attention=attention,
-        max_context=context,
+        vocab_size=VOCAB, hidden=args.hidden, layers=1, heads=args.heads, kv_heads=args.kv_heads, ffn=args.ffn,
+        attention=attention, max_context=context,
     )  # fmt: skip
     model = DecoderLM(cfg).eval()
-    cache = (1, cfg.kv_heads, cfg.cache_len, cfg.head_dim)
-    return AttentionStep(model), (x, position, torch.randn(cache), torch.randn(cache))
+    init_weights(model, seed=0)  # pretraining's init: activations in a realistic range for the INT8 cache
+    if form == "tiered-int8":
+        return tiered_decoder(model, args.tok, KVCacheConfig())[0], model, "a8w16"
+    return model, model, "fp32"
 
 
-def state_bytes(inputs: tuple[Tensor, ...]) -> int:
-    return sum(t.numel() * t.element_size() for t in inputs[2:])
+def lower(runtime: str, form: str, context: int, out: Path, args: argparse.Namespace):
+    """Lowered graphs of ``form`` (a cache of ``context`` slots where it has one) -> (DecoderGraphs, state bytes)."""
+    module, model, precision = model_for(form, context, args)
+    target = load_target(TARGETS[runtime])
+    low = get_runtime(runtime).lower_decoder(module, target, precision, out)
+    chunk = low.report["prefill_tokens"]
+    meta = {
+        "files": {k: p.name for k, p in low.files.items()},
+        "io": graph_io(module, chunk),
+        "decoder": decoder_facts(model or module, module, chunk, precision),
+    }
+    return open_graphs(out, target, meta, args.threads), meta["decoder"]["state_bytes"]
 
 
-def compile_onnxruntime(module: nn.Module, inputs: tuple[Tensor, ...], path: Path, args) -> Callable:
-    """Export the step to ONNX and return ``run(inputs) -> outputs`` on an ONNX Runtime session."""
-    import onnxruntime as ort
-
-    from edgepipe.runtimes.onnxruntime import export_onnx
-
-    path = path.with_suffix(".onnx")
-    names = ["x", "position", "state_a", "state_b"]
-    export_onnx(module, inputs, path, names, ["out", "state_a_out", "state_b_out"], {})
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = args.threads
-    opts.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    taken = {i.name for i in session.get_inputs()}  # the exporter drops unused inputs (mamba2's position)
-
-    def run(values: tuple[Tensor, ...]) -> list:
-        return session.run(None, {n: t.numpy() for n, t in zip(names, values) if n in taken})
-
-    return run
+def check_prefill(form: str, context: int, prompt: np.ndarray, points: dict, args) -> float:
+    """Largest |logit| difference between the graphs after prefill and eager PyTorch on the same prompt."""
+    model = model_for(form, context, args)[0]
+    with torch.no_grad():
+        want = model(torch.from_numpy(prompt))[0, -1].numpy()
+    got = np.asarray(points[form, prompt.shape[1] + args.warmup + args.rounds * (1 + args.block)]["logits"][0])
+    err = float(np.abs(got - want).max())
+    if err > 1e-3:
+        raise SystemExit(f"{form}: prefill logits differ from eager PyTorch by {err:.2e} (> 1e-3)")
+    return err
 
 
-def compile_executorch(module: nn.Module, inputs: tuple[Tensor, ...], path: Path, args) -> Callable:
-    """Lower the step with XNNPACK and return ``run(inputs) -> outputs`` on ExecuTorch's runtime."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
-    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-    from executorch.runtime import Runtime
-
-    if args.threads > 0:
-        _unsafe_reset_threadpool(args.threads)
-    path = path.with_suffix(".pte")  # one file per program: a loaded program keeps reading its file
-    edge = to_edge_transform_and_lower(torch.export.export(module, inputs), partitioner=[XnnpackPartitioner()])
-    path.write_bytes(edge.to_executorch().buffer)
-    method = Runtime.get().load_program(str(path)).load_method("forward")
-    return lambda values: method.execute(list(values))
+def prefill(graphs, prompt: np.ndarray) -> dict:
+    logits, state = graphs.feed(prompt, 0, graphs.init_state())
+    return {"graphs": graphs, "logits": logits, "state": state, "position": prompt.shape[1], "ms": []}
 
 
-COMPILERS = {"onnxruntime": compile_onnxruntime, "executorch": compile_executorch}
+def step(point: dict) -> float:
+    """One greedy decode step of ``point``; returns its wall time in ms."""
+    token = np.array([[int(np.argmax(point["logits"][0]))]], dtype=np.int64)
+    start = time.perf_counter()
+    point["logits"], point["state"] = point["graphs"].feed(token, point["position"], point["state"])
+    ms = (time.perf_counter() - start) * 1e3
+    point["position"] += 1
+    return ms
 
 
-def measure(runtime: str, form: str, contexts: list[int], work: Path, args) -> dict[int, tuple[float, float, int]]:
-    """Median and 10th-percentile ms per step, and state bytes, at each context.
-
-    Windowed and mamba2 compile one graph for all contexts (their state does not grow); full compiles one per
-    context. Contexts are timed in interleaved rounds of back-to-back calls, so a change in machine load hits all
-    of them alike while each block runs warm.
-    """
-    runs, compiled = {}, None
-    for context in contexts:
-        module, inputs = build(form, context, args)
-        if form == "full" or compiled is None:
-            compiled = COMPILERS[runtime](module.eval(), inputs, work / f"{form}-{context}", args)
-        with torch.no_grad():
-            want = module(*inputs)[0]
-        got = np.asarray(compiled(inputs)[0])
-        assert np.abs(got - want.numpy()).max() < 1e-4, f"{runtime} {form} @ {context} disagrees with eager"
-        runs[context] = (compiled, inputs)
+def measure(runtime: str, contexts: list[int], stream: np.ndarray, work: Path, args) -> list[dict]:
+    """Every (form, context) point of ``runtime``: lowered, prefilled with real text, timed interleaved."""
+    steps = args.warmup + args.rounds * (1 + args.block)
+    points, facts, shared = {}, {}, {}
+    for form in args.forms:
+        for context in contexts:
+            grows = form in ("full", "tiered-int8")  # windowed and Mamba-2 graphs are the same at every context
+            key = (form, context if grows else max(contexts))
+            if key not in shared:
+                t0 = time.perf_counter()
+                shared[key] = lower(runtime, form, key[1], work / f"{runtime}-{form}-{key[1]}", args)
+                print(f"lowered {runtime} {form} (cache for {key[1]}) in {time.perf_counter() - t0:.0f} s", flush=True)
+            graphs, state_bytes = shared[key]
+            prompt = np.ascontiguousarray(stream[: context - steps][None], dtype=np.int64)
+            points[form, context] = prefill(graphs, prompt)
+            facts[form, context] = {"state_bytes": state_bytes, "prefilled": int(prompt.shape[1])}
+            if context == contexts[0] and form != "tiered-int8":  # the graphs compute what the model does
+                facts[form, context]["prefill_max_abs_vs_eager"] = check_prefill(form, key[1], prompt, points, args)
+    for point in points.values():
         for _ in range(args.warmup):
-            compiled(inputs)
-    times: dict[int, list[float]] = {c: [] for c in contexts}
-    block = max(2, args.repeats // args.rounds)
+            step(point)
     for _ in range(args.rounds):
-        for context, (run, inputs) in runs.items():
-            run(inputs)  # the first call of a block re-warms the caches the other contexts' states evicted
-            for _ in range(block):
-                start = time.perf_counter()
-                run(inputs)
-                times[context].append((time.perf_counter() - start) * 1e3)
-    return {c: (statistics.median(times[c]), percentile(times[c], 10), state_bytes(runs[c][1])) for c in contexts}
+        for point in points.values():
+            step(point)  # re-warms what the other points evicted
+            point["ms"] += [step(point) for _ in range(args.block)]
+    rows = []
+    for (form, context), point in points.items():
+        rows.append(
+            {
+                "runtime": runtime,
+                "form": form,
+                "context": context,
+                "ms": point["ms"],
+                "positions": [context - steps, point["position"]],
+                **facts[form, context],
+            }
+        )
+    return rows
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q / 100))]
+def report(rows: list[dict]) -> list[str]:
+    """Median ms per step per form and context, flatness of the fixed-state forms, full vs the others at the end."""
+    lines = []
+    for runtime in dict.fromkeys(r["runtime"] for r in rows):
+        by = {(r["form"], r["context"]): statistics.median(r["ms"]) for r in rows if r["runtime"] == runtime}
+        contexts = sorted({c for _, c in by})
+        lines.append(f"{runtime}: median ms per decode step at contexts {contexts}")
+        for form in FORMS:
+            ms = [by[form, c] for c in contexts if (form, c) in by]
+            if not ms:
+                continue
+            mid = statistics.median(ms)
+            spread = 100 * max(max(ms) / mid - 1, 1 - min(ms) / mid)
+            flat = "" if form in ("full", "tiered-int8") else f"   within {spread:.0f}% of its median"
+            lines.append(f"  {form:12s} " + " ".join(f"{m:8.3f}" for m in ms) + flat)
+        last = contexts[-1]
+        ratios = [f"full / {f} {by['full', last] / by[f, last]:.1f}x" for f in FORMS[1:] if (f, last) in by]
+        if ("full", last) in by and ratios:
+            lines.append(f"  at {last}: " + ", ".join(ratios))
+    return lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runtimes", default="onnxruntime,executorch")
-    parser.add_argument("--forms", default="full,windowed,mamba2")
+    parser.add_argument("--forms", default=",".join(FORMS))
     parser.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
     parser.add_argument("--hidden", type=int, default=384)
     parser.add_argument("--heads", type=int, default=6, help="attention query heads (head_dim = hidden / heads)")
     parser.add_argument("--kv-heads", type=int, default=2, help="attention kv heads (grouped-query)")
+    parser.add_argument("--ffn", type=int, default=1024)
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--state", type=int, default=128, help="Mamba-2 state size (head_dim 64, expand 2)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=100, help="timed calls per context")
-    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds the calls are split into")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--json", type=Path, help="write the rows here")
-    args = parser.parse_args()
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds over every point")
+    parser.add_argument("--block", type=int, default=10, help="timed steps per point per round (after one untimed)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per point before the first round")
+    parser.add_argument("--json", type=Path, help="write the benchrecord record here")
+    args = parser.parse_args(argv)
+    args.forms = args.forms.split(",")
+    contexts = sorted(int(c) for c in args.contexts.split(","))
+    steps = args.warmup + args.rounds * (1 + args.block)
+    if contexts[0] <= steps:
+        parser.error(f"every context must exceed the {steps} decode steps that fill it (--warmup + rounds x (1+block))")
+    settings = {k: v for k, v in vars(args).items() if k != "json"}
+    record = Record(
+        "bench_decode", **{**settings, "contexts": contexts, "timed_steps_per_point": args.rounds * args.block}
+    )
     warnings.simplefilter("ignore")
-    # PyTorch's own intra-op threads (export, eager checks) spin after their work and steal the cores the timed
+    # PyTorch's own intra-op threads (export, calibration) spin after their work and steal the cores the timed
     # runtime needs: ExecuTorch steps measured 20x slower with them on a busy 2-core machine.
     torch.set_num_threads(max(1, args.threads))
-    contexts = [int(c) for c in args.contexts.split(",")]
+    args.tok = train_tokenizer(read_sentences("train.txt", 20000), VOCAB)
+    stream = encode_text(args.tok, read_sentences("validation.txt"))
+    if len(stream) < contexts[-1]:
+        stream = np.resize(stream, contexts[-1])  # the held-back text again from its start
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
         for runtime in args.runtimes.split(","):
-            for form in args.forms.split(","):
-                for context, (ms, p10, nbytes) in measure(runtime, form, contexts, Path(tmp), args).items():
-                    row = {"runtime": runtime, "form": form, "context": context, "ms": round(ms, 4)}
-                    rows.append({**row, "state_bytes": nbytes, "ms_p10": round(p10, 4)})
-                    print(
-                        f"{runtime:12s} {form:9s} {context:6d} {ms:9.3f} ms (p10 {p10:7.3f}) {nbytes / 2**20:6.2f} MiB",
-                        flush=True,
-                    )
-    print()
-    report(rows)
-    report(rows, "ms_p10")
+            rows += measure(runtime, contexts, stream, Path(tmp), args)
+    print("\n".join(report(rows)))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
-        print(f"Wrote {args.json}")
-
-
-def report(rows: list[dict], stat: str = "ms") -> None:
-    """The issue-4 decode goals, per runtime, on the median (``ms``) or the 10th percentile (``ms_p10``)."""
-    for runtime in dict.fromkeys(r["runtime"] for r in rows):
-        by = {(r["form"], r["context"]): r[stat] for r in rows if r["runtime"] == runtime}
-        contexts = sorted({c for _, c in by})
-        label = "median" if stat == "ms" else "10th-percentile"
-        print(f"{runtime}: {label} ms per step at contexts {contexts}")
-        for form in ("full", "windowed", "mamba2"):
-            ms = [by[(form, c)] for c in contexts if (form, c) in by]
-            if not ms:
-                continue
-            spread = max(ms) / statistics.median(ms) - 1, 1 - min(ms) / statistics.median(ms)
-            flat = f"flat within ±{100 * max(spread):.0f}% of its median" if form != "full" else ""
-            print(f"  {form:9s} " + " ".join(f"{m:8.3f}" for m in ms) + f"   {flat}")
-        last = contexts[-1]
-        if ("full", last) in by and ("mamba2", last) in by:
-            print(f"  full / mamba2 at {last}: {by[('full', last)] / by[('mamba2', last)]:.1f}x", end="")
-            if ("windowed", last) in by:
-                print(f";  full / windowed: {by[('full', last)] / by[('windowed', last)]:.1f}x", end="")
-            print()
+        for row in rows:
+            record.add(**row)
+        record.write(args.json)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

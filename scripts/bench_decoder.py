@@ -8,21 +8,26 @@ teacher are measured once per (model, precision, runtime), teacher-forced throug
 (the decoder build's own validation, ``edgepipe.build.decoder.score_graphs``).
 
     python scripts/bench_decoder.py --teacher ~/.cache/edgepipe/tinylm-teacher \\
-        --student windowed=/tmp/tinylm-windowed --student mamba=/tmp/tinylm-mamba --json decoder.json
+        --student windowed=/tmp/tinylm-windowed --student mamba=/tmp/tinylm-mamba \\
+        --json benchmarks/bench_decoder-<cpu>.json
 
-Rows: {"model", "precision", "runtime", "context", "tokens_per_s", "ms_per_token", "cache_bytes",
-"memory_bytes", "ppl", "agreement"}; a8w16 rows use the tiered INT8 KV cache.
+``--json FILE`` writes a ``benchrecord`` record, one row per (model, precision, runtime, context): every timed
+decode step (``ms``), tokens/s of the median, cache and decode-memory bytes, held-back perplexity and top-1
+agreement with the fp32 teacher; a8w16 rows use the tiered INT8 KV cache. ``--steps`` timed steps per
+configuration (default 100).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from benchrecord import Record
 
 from edgepipe.build.decoder import PREFILL_SKIP, decoder_facts, open_graphs
 from edgepipe.config import KVCacheConfig, load_target
@@ -53,14 +58,14 @@ def lowered(
     return open_graphs(out, target, meta, threads), meta["decoder"]
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", type=Path, default=Path("~/.cache/edgepipe/tinylm-teacher").expanduser())
     ap.add_argument("--student", action="append", default=[], help="name=checkpoint dir (repeatable)")
     ap.add_argument("--precisions", default="fp32,fp16,a8w16")
     ap.add_argument("--contexts", default="256,1024,4096")
     ap.add_argument("--runtimes", default="onnxruntime,executorch")
-    ap.add_argument("--steps", type=int, default=48, help="timed decode steps per configuration")
+    ap.add_argument("--steps", type=int, default=100, help="timed decode steps per configuration")
     ap.add_argument("--windows", type=int, default=4, help="held-back windows for perplexity / agreement")
     ap.add_argument(
         "--threads",
@@ -71,6 +76,8 @@ def main() -> None:
     )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "json"}
+    record = Record("bench_decoder", **settings)
 
     models = {"teacher": args.teacher, **dict(s.split("=", 1) for s in args.student)}
     models = {k: Path(v).expanduser() for k, v in models.items()}
@@ -135,6 +142,7 @@ def main() -> None:
                         "memory_bytes": c["facts"]["decode_memory_bytes"]["total"],
                         "ppl": f["perplexity"],
                         "agreement": f["top1_vs_teacher"],
+                        "ms": [1e3 * t for t in c["times"]],
                     }
                 )
     anchor = {
@@ -156,8 +164,11 @@ def main() -> None:
             f"{r['agreement']:>6.3f}"
         )
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        for r in rows:
+            record.add(**r)
+        record.write(args.json)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,7 +2,8 @@
 
 Usage:
     python scripts/bench_precision.py [--model minilm-student] [--runtimes onnxruntime,executorch,tensorrt]
-                                      [--plans fp32,fp16,int8-dynamic,w8a8,int8-fp16] [--json results.json]
+                                      [--plans fp32,fp16,int8-dynamic,w8a8,int8-fp16]
+                                      [--json benchmarks/bench_precision-<cpu>.json]
 
 The model is the recipe's distilled student when the stage cache already holds it (build it once with
 `edgepipe build`), else the teacher (all-MiniLM-L6-v2). Every plan is lowered with the runtime's own module
@@ -10,21 +11,26 @@ exactly as `edgepipe build` does (same calibration split, same held-back budget 
 
 - fidelity: held-back mean/min cosine vs the teacher on calibration_data/validation.txt (real text, never used
   for calibration), and the drop vs the unquantized model that the fidelity budget is about;
-- speed: median ms at 1x128 and 1x512, sessions timed round by round in this one process so ratios vs fp32 see
-  the same machine load (TensorRT rows run a CPU proxy: no device latency, so no ms);
+- speed: median ms at 1x128 and 1x512 over --rounds x --per-round timed runs (default 10 x 15 = 150: fewer than
+  ~100 gave ratios off by up to 1.8x on a shared machine), sessions timed round by round in this one process so
+  ratios vs fp32 see the same machine load (TensorRT rows run a CPU proxy: no device latency, so no ms);
 - INT8 coverage: share of weight-GEMM FLOPs that run int8, read back from the lowered graph;
 - size: the artifact's bytes; the resident memory a fresh process gains by loading it and running 1x512.
 
 What int8 buys in speed on x86 depends on VNNI (``avx512_vnni`` / ``avx_vnni``), which the table's title reports:
-without it ORT's int8 GEMMs run little faster than fp32, and what int8 buys is size and memory.
+without it ORT's int8 GEMMs run little faster than fp32, and what int8 buys is size and memory. The int8 choices
+follow the target's declared CPU features (host-cpu: this machine's), as in ``edgepipe build``.
+
+``--json FILE`` writes a ``benchrecord`` record: per (runtime, plan) every timed run per shape (``ms_by_shape``),
+fidelity, INT8 coverage, bytes and resident memory.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +40,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchrecord import Record  # noqa: E402  (scripts/ is on sys.path when the script runs)
+
 from edgepipe.build.encoder import cached_student  # noqa: E402  (the script runs from a checkout)
 from edgepipe.config import RunConfig, load_recipe, load_target, resolve_teacher  # noqa: E402
 from edgepipe.data import batches, encode, load_tokenizer, read_sentences  # noqa: E402
@@ -82,8 +90,9 @@ def timing_feeds(tok_path: Path, seq: int) -> dict[str, np.ndarray]:
     return {"input_ids": np.resize(ids, (1, seq)).astype(np.int64), "attention_mask": np.ones((1, seq), np.int64)}
 
 
-def time_sessions(sessions: dict[str, object], feeds: dict, rounds: int, per_round: int) -> dict[str, float]:
-    """Median ms per session; each round runs every session ``per_round`` times, so load drifts hit all alike."""
+def time_sessions(sessions: dict[str, object], feeds: dict, rounds: int, per_round: int) -> dict[str, list[float]]:
+    """Every timed run (ms) per session; each round runs every session ``per_round`` times, so load drifts hit all
+    alike."""
     times: dict[str, list[float]] = {k: [] for k in sessions}
     for s in sessions.values():
         s.run(feeds)
@@ -93,7 +102,7 @@ def time_sessions(sessions: dict[str, object], feeds: dict, rounds: int, per_rou
                 t = time.perf_counter()
                 s.run(feeds)
                 times[name].append((time.perf_counter() - t) * 1e3)
-    return {k: round(float(np.median(v)), 2) for k, v in times.items()}
+    return times
 
 
 def session_rss_mb(runtime: str, artifact: Path) -> float:
@@ -111,17 +120,20 @@ def main() -> int:
     ap.add_argument("--runtimes", default="onnxruntime,executorch,tensorrt")
     ap.add_argument("--plans", default="fp32,fp16,int8-dynamic,w8a8,int8-fp16")
     ap.add_argument("--held-out", type=int, default=512, help="Held-back sentences (validation.txt) for fidelity.")
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--per-round", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--per-round", type=int, default=15, help="timed runs per session per round")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("artifacts/bench-precision"))
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "json"}
+    record = Record("bench_precision", **settings, timed_runs=args.rounds * args.per_round)
 
     name, model, teacher, tok_path = load_model(args.model)
     recipe = load_recipe(args.model)
     q, v = recipe.quantize, recipe.validate
+    record.data["settings"]["fidelity_budget"] = q.fidelity_budget
     tok = load_tokenizer(tok_path, v.max_len)
     held = list(batches(tok, read_sentences(v.data, args.held_out), 32))
     calib = list(batches(load_tokenizer(tok_path, q.max_len), read_sentences(q.calibration, q.samples), 32))
@@ -182,9 +194,13 @@ def main() -> int:
                 row["rss_mb"] = round(session_rss_mb(runtime_name, artifact), 1)
             runtime_rows.append(row)
         for shape in SHAPES:
-            ms = time_sessions(sessions, feeds[shape], args.rounds, args.per_round) if sessions else {}
+            runs = time_sessions(sessions, feeds[shape], args.rounds, args.per_round) if sessions else {}
             for row in runtime_rows:
-                row[f"ms_{shape[0]}x{shape[1]}"] = ms.get(row["plan"])
+                if row["plan"] in runs:
+                    row.setdefault("ms_by_shape", {})[f"{shape[0]}x{shape[1]}"] = [
+                        round(t, 4) for t in runs[row["plan"]]
+                    ]
+                    row[f"ms_{shape[0]}x{shape[1]}"] = round(statistics.median(runs[row["plan"]]), 3)
         base = next((r for r in runtime_rows if r["plan"] == "fp32"), None)
         for row in runtime_rows:
             for shape in SHAPES:
@@ -195,15 +211,10 @@ def main() -> int:
 
     print_table(name, rows)
     if args.json:
-        env = {
-            "machine": platform.machine(),
-            "processor": platform.processor(),
-            "cpus": os.cpu_count(),
-            "vnni": cpu_has_vnni(),
-            "threads": args.threads,
-        }
-        args.json.write_text(json.dumps({"model": name, "environment": env, "rows": rows}, indent=2, default=str))
-        print(f"wrote {args.json}", file=sys.stderr)
+        record.data["settings"]["model_benchmarked"] = name
+        for row in rows:
+            record.add(**row)
+        record.write(args.json)
     return 0
 
 

@@ -8,6 +8,9 @@ perf_counter in a plain for-loop; "runner" is runner.py's own timed loop (its pr
 temperature sampler running as on a device). Blocks of the two alternate `--rounds` times; the goal metric is
 the median over rounds of (runner p50 / bare p50 of the same round), since neighbouring blocks see the same machine
 load. Goal: within 1.05.
+
+``--json FILE`` writes a ``benchrecord`` record: one row per loop (bare, runner) with every timed run (ms) and its
+per-block p50s, and the paired ratio in the record's settings.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchrecord import Record  # noqa: E402  (scripts/ is on sys.path when the script runs)
+
 from edgepipe.harness import runner  # noqa: E402  (the script runs from a checkout)
 
 
@@ -73,7 +78,7 @@ def p50_ms(times_s: list[float]) -> float:
     return float(np.percentile(np.asarray(times_s) * 1e3, 50))
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", nargs="?", type=Path, help="an onnxruntime bundle (default: a synthetic model)")
     p.add_argument("--batch", type=int, default=1)
@@ -83,7 +88,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7, help="alternating bare/runner blocks")
     p.add_argument("--hidden", type=int, default=256, help="synthetic model width")
     p.add_argument("--layers", type=int, default=4, help="synthetic model depth")
+    p.add_argument("--json", type=Path, help="write the benchrecord record here")
     args = p.parse_args()
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "json"}
+    record = Record("bench_runner_overhead", **settings)
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.bundle:
@@ -126,10 +134,14 @@ def main() -> None:
         for _ in range(max(10, args.runs // 10)):  # warm-up, both paths
             run()
             sess.run(None, bare_feeds)
-        bare, ours = [], []
+        bare, ours, raw = [], [], {"bare": [], "runner": []}
         for _ in range(args.rounds):
-            bare.append(p50_ms(bare_loop(args.runs)))
-            ours.append(p50_ms(runner_loop(args.runs)))
+            times = bare_loop(args.runs)
+            bare.append(p50_ms(times))
+            raw["bare"] += [t * 1e3 for t in times]
+            times = runner_loop(args.runs)
+            ours.append(p50_ms(times))
+            raw["runner"] += [t * 1e3 for t in times]
         b, r = statistics.median(bare), statistics.median(ours)
         shape = list(feeds[session.input_names[0]].shape)
         print(
@@ -145,7 +157,13 @@ def main() -> None:
             f"median paired ratio runner/bare {paired:.4f}  ({'within' if paired <= 1.05 else 'OUTSIDE'} the 5% goal)"
         )
         print(f"onnxruntime {ort.__version__}, numpy {np.__version__}")
+    if args.json:
+        record.data["settings"].update(model=what, inputs=shape, paired_ratio=round(paired, 4))
+        record.add(loop="bare", block_p50_ms=[round(x, 4) for x in bare], ms=raw["bare"])
+        record.add(loop="runner", block_p50_ms=[round(x, 4) for x in ours], ms=raw["runner"])
+        record.write(args.json)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,13 +8,16 @@ Each point is built with the real pipeline (distill -> lower -> validate, all ca
 host-cpu target, then timed in onnxruntime at 1x128 and 1x512 on real held-back text, interleaved round by round
 with the anchor (ORT int8-dynamic on the teacher) in this one process. Fidelity is the bundle's held-back mean/min
 cosine vs the teacher, from its manifest. A point is on the frontier when no other point is both faster at 1x128
-and at least as faithful.
+and at least as faithful. ``--repeats`` timed runs per session and shape (default 150, in 3 interleaved rounds:
+fewer than ~100 gave ratios off by up to 1.8x on a shared machine).
+
+``--json FILE`` writes a ``benchrecord`` record: per point and shape every timed run, the ratio to the anchor and
+the bundle's held-back fidelity.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -22,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from benchrecord import Record
 
 from edgepipe.build import build
 from edgepipe.config import load_target, resolve_run_config, resolve_teacher
@@ -51,7 +55,7 @@ def real_inputs(tok_path: Path, seq: int) -> dict[str, np.ndarray]:
     return {"input_ids": np.resize(ids, (1, seq)).astype(np.int64), "attention_mask": np.ones((1, seq), np.int64)}
 
 
-def median_ms(run, feeds, warmup: int, repeats: int) -> list[float]:
+def timed_ms(run, feeds, warmup: int, repeats: int) -> list[float]:
     for _ in range(warmup):
         run(feeds)
     out = []
@@ -76,6 +80,8 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     target = load_target("host-cpu")
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "json"}
+    record = Record("bench_student", **settings)
 
     sessions: dict[str, object] = {}
     meta: dict[str, dict] = {}
@@ -104,19 +110,26 @@ def main() -> int:
         times: dict[str, list[float]] = {name: [] for name in sessions}
         for _ in range(3):  # interleaved rounds
             for name, session in sessions.items():
-                times[name] += median_ms(session.run, feeds, 3, max(1, args.repeats // 3))
+                times[name] += timed_ms(session.run, feeds, 3, max(1, args.repeats // 3))
         base = float(np.median(times[anchor]))
         for name, t in times.items():
             ms = float(np.median(t))
             rows.append(
-                {"name": name, "seq": seq, "ms": round(ms, 3), "vs_anchor": round(base / ms, 3), **meta.get(name, {})}
+                {
+                    "name": name,
+                    "seq": seq,
+                    "ms_median": round(ms, 3),
+                    "vs_anchor": round(base / ms, 3),
+                    "ms": t,
+                    **meta.get(name, {}),
+                }
             )
 
     by_name = {r["name"]: r for r in rows if r["seq"] == 128}
     for r in rows:
         r["frontier"] = r["name"] != anchor and not any(
             o["name"] not in (anchor, r["name"])
-            and o["ms"] < by_name[r["name"]]["ms"]
+            and o["ms_median"] < by_name[r["name"]]["ms_median"]
             and o.get("mean_cosine", 0) >= by_name[r["name"]].get("mean_cosine", 0)
             for o in by_name.values()
         )
@@ -124,11 +137,14 @@ def main() -> int:
     for r in rows:
         cos = f"{r['mean_cosine']:9.4f} {r['min_cosine']:8.4f}" if "mean_cosine" in r else f"{'-':>9s} {'-':>8s}"
         print(
-            f"{r['name']:28s} {r['seq']:4d} {r['ms']:8.2f} {r['vs_anchor']:9.2f} {cos} {'*' if r['frontier'] else ''}"
+            f"{r['name']:28s} {r['seq']:4d} {r['ms_median']:8.2f} {r['vs_anchor']:9.2f} {cos} "
+            f"{'*' if r['frontier'] else ''}"
         )
     print(f"(x anchor = ORT int8-dynamic teacher median / row median, measured in this run; {args.threads} threads)")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        for r in rows:
+            record.add(**r)
+        record.write(args.json)
     return 0
 
 
