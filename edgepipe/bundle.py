@@ -174,8 +174,7 @@ def text_fidelity(
     if not runnable:
         raise BundleError(f"Bundle {path} cannot run on this machine: {why}.", hint="Build it for --target host-cpu.")
 
-    max_len = manifest.get("recipe", {}).get("validate", {}).get("max_len", 128)
-    tok = load_tokenizer(path / "tokenizer.json", max_len)
+    tok = load_tokenizer(path / "tokenizer.json", validated_length(manifest))
     tokenized = list(batches(tok, sentences, batch_size))
     graph = manifest["graphs"].get("model")  # open_bundle checked that the manifest lists it under a safe name
     if not isinstance(graph, str):
@@ -272,6 +271,14 @@ def generate(path: Path, prompt: str, max_new_tokens: int = 32, threads: int | N
     )
 
 
+def validated_length(manifest: dict) -> int:
+    """Tokens per text the build validated: the recipe's ``validate.max_len``, cut to a sentence-transformers
+    source's ``max_seq_length`` (``io.max_seq_length``), as the encoder build cuts it."""
+    asked = manifest.get("recipe", {}).get("validate", {}).get("max_len", 128)
+    limit = manifest.get("io", {}).get("max_seq_length")
+    return min(asked, limit) if limit else asked
+
+
 def load(path: Path | str) -> LoadedBundle:
     """Open a bundle for use here: every file verified against its manifest, its runtime checked on this machine.
 
@@ -307,7 +314,7 @@ class LoadedBundle:
         """Sentence embeddings of ``texts``, computed by the bundle's graph in its runtime.
 
         Texts are tokenized with the bundle's tokenizer.json and truncated at the length the build validated
-        (the recipe's ``validate.max_len``).
+        (``validated_length``).
 
         Args:
             texts: One sentence, or a list of them.
@@ -338,8 +345,7 @@ class LoadedBundle:
             _, expected = runner.load_check(str(self.path))
             return np.zeros((0, expected["sentence_embedding"].shape[-1]), np.float32)
         if self._session is None:
-            max_len = m.get("recipe", {}).get("validate", {}).get("max_len", 128)
-            self._tok = load_tokenizer(self.path / "tokenizer.json", max_len)
+            self._tok = load_tokenizer(self.path / "tokenizer.json", validated_length(m))
             self._session = self.runtime.load(self.path / m["graphs"]["model"], self.target)
         runs = [self._session.run(b)["sentence_embedding"] for b in batches(self._tok, texts, batch_size)]
         out = np.concatenate(runs).astype(np.float32)

@@ -19,6 +19,7 @@ import torch
 from click.testing import CliRunner
 from tokenizers import Tokenizer
 
+import edgepipe
 from edgepipe.build import build
 from edgepipe.build.encoder import cached_student
 from edgepipe.cli import cli
@@ -126,8 +127,10 @@ def test_build_of_a_sentence_transformers_dir_matches_encode_through_its_own_tok
         "attention_mask": np.array([e.attention_mask for e in enc], np.int64),
     }
     out = ort_rt.load(bundle.path / "model.onnx").run(feeds)["sentence_embedding"]
-    np.testing.assert_allclose(out, _encode(path, text), atol=2e-5)
+    ref = _encode(path, text)
+    np.testing.assert_allclose(out, ref, atol=2e-5)
     assert np.linalg.norm(out, axis=1).std() > 1e-3  # not normalised, as the model says
+    np.testing.assert_allclose(edgepipe.load(bundle.path).encode(text), ref, atol=2e-5)  # the Python API too
 
 
 def test_student_of_a_sentence_transformers_teacher_keeps_its_head(tmp_path, tiny_bert):
