@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from edgepipe.cli import cli
 from edgepipe.errors import BundleError, DeviceError, UsageError
 from edgepipe.harness import remote, report
+from edgepipe.harness import runner as _runner
 
 try:
     import fake_adb
@@ -77,7 +78,7 @@ def test_deploy_bench_compare_round_trip_over_ssh(sshd: SshServer, bundle: Path,
     ]
     # the runner runs from its own directory beside the deployment, which holds nothing else
     assert first.runner == f"{Path(device_dir).parent}/.edgepipe-runner/{remote.RUNNER_ID}/runner.py"
-    assert sorted(p.name for p in Path(first.runner).parent.iterdir()) == ["engines.py", "profiles.py", "runner.py"]
+    assert sorted(p.name for p in Path(first.runner).parent.iterdir()) == sorted(["runner.py", *_runner.SHIPPED])
     assert sorted(p.name for p in Path(device_dir).parent.iterdir()) == [".edgepipe-runner", "tiny-encoder"]
     again = remote.deploy(bundle, sshd.url, remote_dir=device_dir, **ssh_options(sshd))
     assert not again.copied  # same manifest and runner already there
@@ -471,18 +472,21 @@ def test_adb_deploy_bench_and_compare_through_the_cli(bundle: Path, phone: Path,
     first, said = _cli("deploy", str(bundle), *device)
     assert first.exit_code == 0, first.output
     remote_dir = "/data/local/tmp/edgepipe/tiny-encoder/host-cpu"  # adb's default place
-    assert f"-> adb://{SERIAL}:{remote_dir} (copied 5 files" in said and "runtime on the device: onnxruntime" in said
+    assert f"-> adb://{SERIAL}:{remote_dir} (copied 4 files" in said and "runtime on the device: onnxruntime" in said
     on_phone = phone / remote_dir.lstrip("/")
-    names = ["check.npz", "manifest.json", "model.onnx", "runner.py", "tokenizer.json"]
-    assert sorted(p.name for p in on_phone.iterdir()) == names and not on_phone.with_name("host-cpu.partial").exists()
-    assert all((on_phone / n).read_bytes() == (bundle / n).read_bytes() for n in names if n != "runner.py")
+    names = ["check.npz", "manifest.json", "model.onnx", "tokenizer.json"]
+    assert sorted(p.name for p in on_phone.iterdir()) == [remote.MARKER, *names]
+    assert not on_phone.with_name("host-cpu.edgepipe-partial").exists()
+    assert all((on_phone / n).read_bytes() == (bundle / n).read_bytes() for n in names)
+    runner_dir = on_phone.parent / ".edgepipe-runner" / remote.RUNNER_ID  # beside the bundle, never in it
+    assert sorted(p.name for p in runner_dir.iterdir()) == sorted(["runner.py", *_runner.SHIPPED])
     again, said = _cli("deploy", str(bundle), *device)
     assert again.exit_code == 0 and "already there, unchanged" in said
     (on_phone / "model.onnx").write_bytes(b"rotten")  # the phone's copy fails its sha256: deploy copies again
     repaired, said = _cli("deploy", str(bundle), *device)
     assert (
         repaired.exit_code == 0
-        and "(copied 5 files" in said
+        and "(copied 4 files" in said
         and (on_phone / "model.onnx").read_bytes() == (bundle / "model.onnx").read_bytes()
     )
 
