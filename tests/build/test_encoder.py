@@ -87,11 +87,11 @@ def test_failed_build_leaves_no_half_bundle(tmp_path, tiny_checkpoint, monkeypat
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(driver, "write_manifest", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(BuildError, match="No space left writing bundle host-cpu .*nothing half-written was kept"):
         _build(tiny_checkpoint, tmp_path / "out")
     assert staged == [["check.npz", "model.onnx", "tokenizer.json"]]  # the bundle's folder was there, half full
     model_dir = tmp_path / "out" / tiny_checkpoint.name
-    assert model_dir.is_dir() and list(model_dir.iterdir()) == []  # no bundle, no temporary folder left behind
+    assert not model_dir.exists()  # no bundle, no temporary folder, not even the model folder this build made
 
 
 def test_a_build_over_its_fidelity_budget_falls_back_through_the_recipe(tmp_path, tiny_checkpoint):
@@ -144,7 +144,7 @@ def test_check_bundle_detects_a_corrupted_file(tmp_path, tiny_checkpoint):
     bundle = _build(tiny_checkpoint, tmp_path / "out")
     data = np.load(bundle.path / "check.npz")
     np.savez(bundle.path / "check.npz", **{k: data[k] + 1 for k in data.files})
-    with pytest.raises(BundleError, match="check.npz: (sha256 mismatch|size)"):
+    with pytest.raises(BundleError, match=r"check.npz \((sha256 mismatch|size)"):
         check_bundle(bundle.path)
 
 
