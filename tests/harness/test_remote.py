@@ -471,18 +471,21 @@ def test_adb_deploy_bench_and_compare_through_the_cli(bundle: Path, phone: Path,
     first, said = _cli("deploy", str(bundle), *device)
     assert first.exit_code == 0, first.output
     remote_dir = "/data/local/tmp/edgepipe/tiny-encoder/host-cpu"  # adb's default place
-    assert f"-> adb://{SERIAL}:{remote_dir} (copied 5 files" in said and "runtime on the device: onnxruntime" in said
+    assert f"-> adb://{SERIAL}:{remote_dir} (copied 4 files" in said and "runtime on the device: onnxruntime" in said
     on_phone = phone / remote_dir.lstrip("/")
-    names = ["check.npz", "manifest.json", "model.onnx", "runner.py", "tokenizer.json"]
-    assert sorted(p.name for p in on_phone.iterdir()) == names and not on_phone.with_name("host-cpu.partial").exists()
-    assert all((on_phone / n).read_bytes() == (bundle / n).read_bytes() for n in names if n != "runner.py")
+    names = ["check.npz", "manifest.json", "model.onnx", "tokenizer.json"]
+    assert sorted(p.name for p in on_phone.iterdir()) == [".edgepipe-deployment", *names]
+    assert all((on_phone / n).read_bytes() == (bundle / n).read_bytes() for n in names)
+    runner_dir = on_phone.parent / ".edgepipe-runner" / remote.RUNNER_ID  # the runner beside the deployment
+    assert (runner_dir / "runner.py").read_bytes() == remote.RUNNER.read_bytes()
+    assert not [p.name for p in on_phone.parent.iterdir() if p.name.endswith(".partial")]
     again, said = _cli("deploy", str(bundle), *device)
     assert again.exit_code == 0 and "already there, unchanged" in said
     (on_phone / "model.onnx").write_bytes(b"rotten")  # the phone's copy fails its sha256: deploy copies again
     repaired, said = _cli("deploy", str(bundle), *device)
     assert (
         repaired.exit_code == 0
-        and "(copied 5 files" in said
+        and "(copied 4 files" in said
         and (on_phone / "model.onnx").read_bytes() == (bundle / "model.onnx").read_bytes()
     )
 
