@@ -233,3 +233,12 @@ def test_hub_id_resolves_to_its_snapshot_in_the_hugging_face_cache(tmp_path, tin
 def test_revision_without_a_hub_id_is_a_usage_error():
     with pytest.raises(UsageError, match="--revision main applies to a Hugging Face Hub id"):
         resolve_run_config("minilm-teacher", "host-cpu", None, "artifacts", revision="main")
+
+
+def test_a_latency_table_is_refused_since_nothing_reads_it(tmp_path):
+    old = tmp_path / "old.toml"
+    old.write_text('description = "x"\nruntime = "onnxruntime"\nprecision = "fp32"\n[latency]\nrepeats = 50\n')
+    with pytest.raises(ConfigError, match="unknown key 'latency'"):
+        load_target(str(old))
+    shipped = [Path(load_target(name).path).read_text() for name in target_names()]
+    assert not any("[latency]" in text for text in shipped)  # no shipped target has one
