@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -83,21 +82,6 @@ def test_engine_build_is_skipped_with_its_reason_and_a_cached_engine_is_found(tm
     rebuilt = make_trt_bundle(tmp_path / "rebuilt" / "jetson-orin-nano", seed=1)  # other weights: another key
     rc, other = engine_json(rebuilt)
     assert rc == runner.EXIT_MISSING_RUNTIME and other["key"] != state["key"] and not other["cached"]
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
-    pytest.importorskip("asyncssh", reason="asyncssh is the `remote` extra")
-    reason = SshServer.unavailable()
-    if reason:
-        pytest.skip(f"cannot start sshd: {reason}")
-    server = SshServer(tmp_path_factory.mktemp("sshd"))
-    try:
-        server.start()
-    except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
-        pytest.skip(f"cannot start sshd: {e}")
-    yield server
-    server.stop()
 
 
 def test_redeploy_over_ssh_keeps_the_engine_cache(sshd: SshServer, tmp_path: Path) -> None:

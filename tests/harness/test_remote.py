@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,20 +31,6 @@ except ImportError:  # tests/ imported as a package
     from tests.sshd import SshServer
 
 pytest.importorskip("asyncssh", reason="asyncssh is the `remote` extra")
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
-    reason = SshServer.unavailable()
-    if reason:
-        pytest.skip(f"cannot start sshd: {reason}")
-    server = SshServer(tmp_path_factory.mktemp("sshd"))
-    try:
-        server.start()
-    except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
-        pytest.skip(f"cannot start sshd: {e}")
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,21 +32,6 @@ except ImportError:  # tests/ imported as a package
     from tests.sshd import SshServer
 
 EDGEPIPE = [sys.executable, "-m", "edgepipe.cli"]
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
-    pytest.importorskip("asyncssh", reason="asyncssh is the `remote` extra")
-    reason = SshServer.unavailable()
-    if reason:
-        pytest.skip(f"cannot start sshd: {reason}")
-    server = SshServer(tmp_path_factory.mktemp("sshd"))
-    try:
-        server.start()
-    except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
-        pytest.skip(f"cannot start sshd: {e}")
-    yield server
-    server.stop()
 
 
 def ssh(server: SshServer) -> dict:
